@@ -1,0 +1,140 @@
+"""`pulse-agent`: holds a heartbeat stream to a Pulse server and runs the profiles it is sent."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent.client import AgentClient, AgentConfig
+from agent.executor import Executor
+from agent.profilers.base import Profiler
+from agent.profilers.pyspy import PySpyProfiler
+from agent.profilers.simulated import SimulatedProfiler
+from agent.state import AgentState
+
+log = logging.getLogger("pulse.agent")
+
+
+def _label(value: str) -> tuple[str, str]:
+    key, sep, val = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {value!r}")
+    return key, val
+
+
+def _regex(value: str) -> re.Pattern[str]:
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"bad regular expression: {exc}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pulse-agent", description="Pulse profiler agent")
+    p.add_argument("--server", default="127.0.0.1:50051", help="host:port of a Pulse server")
+    p.add_argument("--service", required=True, help="service this host belongs to")
+    p.add_argument("--hostname", default=socket.gethostname(), help="default: this host's name")
+    p.add_argument("--ip-address", default="", help="address to report (default: resolved)")
+    p.add_argument("--label", action="append", type=_label, default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".pulse-agent"),
+        help="where the agent id and the record of run commands live",
+    )
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("profiles"),
+        help="where profiles are written, one file per command",
+    )
+    p.add_argument("--profiler", choices=["py-spy", "simulated"], default="py-spy")
+    p.add_argument(
+        "--target-pid",
+        type=int,
+        action="append",
+        default=[],
+        help="a process to profile when a request names no pids (repeatable)",
+    )
+    p.add_argument(
+        "--target-cmdline",
+        type=_regex,
+        help="profile processes whose command line matches this regex",
+    )
+    p.add_argument(
+        "--max-backoff",
+        type=float,
+        default=30.0,
+        help="cap of the reconnect backoff in seconds (default 30)",
+    )
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def resolve_ip(hostname: str) -> str:
+    try:
+        return socket.gethostbyname(hostname)
+    except OSError:
+        return ""
+
+
+def make_profiler(args: argparse.Namespace) -> Profiler:
+    if args.profiler == "simulated":
+        log.warning("simulated profiler: sessions only wait and write a placeholder file")
+        return SimulatedProfiler()
+    return PySpyProfiler(watch_pids=args.target_pid, watch_cmdline=args.target_cmdline)
+
+
+async def run(args: argparse.Namespace) -> None:
+    state = AgentState(args.state_dir)
+    profiler = make_profiler(args)
+    config = AgentConfig(
+        server=args.server,
+        service_name=args.service,
+        hostname=args.hostname,
+        ip_address=args.ip_address or resolve_ip(args.hostname),
+        labels=dict(args.label),
+        max_backoff=args.max_backoff,
+    )
+
+    def executor(report: Any) -> Executor:
+        return Executor(profiler, state, args.output_dir, report)
+
+    client = AgentClient(config, executor, state, profiler.supported_modes)
+    log.info("agent %s (%s, service %s) starting", client.agent_id, args.hostname, args.service)
+    main = asyncio.create_task(client.run())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([main, stopper], return_when=asyncio.FIRST_COMPLETED)
+    if main.done():
+        main.result()  # surfaces a crash
+    log.info("agent shutting down")
+    await client.shutdown()
+    main.cancel()
+    await asyncio.gather(main, return_exceptions=True)
+    state.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    asyncio.run(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Profilers the agent can run, behind one small interface (see base.Profiler)."""

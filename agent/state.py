@@ -1,0 +1,122 @@
+"""What the agent persists on its host: its id, and every command it has started.
+
+A command is recorded as started (and the write is durable) before profiling begins, so the agent
+never runs one command id twice, across reconnects, crashes and restarts. Finished commands keep
+their completion until the server has recorded it, so a restart re-sends unreported completions.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+KEEP_FINISHED = 10_000
+
+
+@dataclass(frozen=True)
+class PendingReport:
+    command_id: str
+    completion: dict[str, object]
+
+
+class AgentState:
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(directory / "runs.sqlite3", check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            """
+            CREATE TABLE IF NOT EXISTS runs (
+                command_id TEXT PRIMARY KEY,
+                started_at REAL NOT NULL,
+                finished INTEGER NOT NULL DEFAULT 0,
+                completion TEXT,
+                reported INTEGER NOT NULL DEFAULT 0
+            )
+            """
+        )
+        self._db.commit()
+
+    def agent_id(self) -> str:
+        """The host's stable agent id, created on first use."""
+        path = self.directory / "agent_id"
+        if path.exists():
+            value = path.read_text().strip()
+            if value:
+                return value
+        value = str(uuid.uuid4())
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(value + "\n")
+        tmp.replace(path)
+        return value
+
+    def has_run(self, command_id: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM runs WHERE command_id = ?", (command_id,)
+            ).fetchone()
+        return row is not None
+
+    def mark_started(self, command_id: str) -> bool:
+        """Record a start; False if this command was started before (it must not run again)."""
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO runs (command_id, started_at) VALUES (?, ?)",
+                (command_id, time.time()),
+            )
+            self._db.commit()
+            return cursor.rowcount == 1
+
+    def mark_finished(self, command_id: str, completion: dict[str, object]) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE runs SET finished = 1, completion = ? WHERE command_id = ?",
+                (json.dumps(completion), command_id),
+            )
+            self._db.commit()
+
+    def mark_reported(self, command_id: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE runs SET reported = 1 WHERE command_id = ?", (command_id,))
+            self._db.execute(
+                "DELETE FROM runs WHERE reported = 1 AND command_id NOT IN "
+                "(SELECT command_id FROM runs ORDER BY started_at DESC LIMIT ?)",
+                (KEEP_FINISHED,),
+            )
+            self._db.commit()
+
+    def unreported(self) -> list[PendingReport]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT command_id, completion FROM runs WHERE finished = 1 AND reported = 0 "
+                "ORDER BY started_at"
+            ).fetchall()
+        return [PendingReport(command_id, json.loads(blob)) for command_id, blob in rows]
+
+    def interrupted(self) -> list[str]:
+        """Commands started by an earlier run of the agent that never finished."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT command_id FROM runs WHERE finished = 0 ORDER BY started_at"
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def recently_finished(self, limit: int = 32) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT command_id FROM runs WHERE finished = 1 ORDER BY started_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

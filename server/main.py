@@ -1,0 +1,156 @@
+"""`pulse-server`: run the server, or `pulse-server db upgrade` to apply migrations."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import os
+import signal
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from db import migrate
+from db.engine import DATABASE_URL_ENV, create_engine
+from server.app import PulseServer, ServerConfig, resolve_database_url
+
+log = logging.getLogger("pulse.server")
+
+
+def _seconds(value: str) -> timedelta:
+    seconds = float(value)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return timedelta(seconds=seconds)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pulse-server", description="Pulse control-plane server")
+    p.add_argument("--listen", default="127.0.0.1:50051", help="host:port (default %(default)s)")
+    p.add_argument(
+        "--database-url",
+        default=os.environ.get(DATABASE_URL_ENV),
+        help=f"PostgreSQL URL (env {DATABASE_URL_ENV}); without it an embedded PostgreSQL runs",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".pulse"),
+        help="embedded PostgreSQL's directory (default %(default)s)",
+    )
+    p.add_argument("--server-id", help="name of this process in agent records (default: host-pid)")
+    p.add_argument(
+        "--heartbeat-interval",
+        type=_seconds,
+        default=timedelta(seconds=10),
+        help="seconds between agent heartbeats (default 10)",
+    )
+    p.add_argument(
+        "--liveness-intervals",
+        type=int,
+        default=3,
+        help="missed heartbeat intervals before an agent is offline (default 3)",
+    )
+    p.add_argument(
+        "--ack-timeout",
+        type=_seconds,
+        default=timedelta(seconds=30),
+        help="seconds before an unacknowledged command is re-queued (default 30)",
+    )
+    p.add_argument(
+        "--completion-grace",
+        type=_seconds,
+        default=timedelta(seconds=30),
+        help="seconds past start + duration before a command times out (default 30)",
+    )
+    p.add_argument(
+        "--sweep-interval",
+        type=_seconds,
+        default=timedelta(seconds=5),
+        help="seconds between fallback sweeps (default 5)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=_seconds,
+        default=timedelta(seconds=10),
+        help="seconds in-flight RPCs get on shutdown (default 10)",
+    )
+    p.add_argument(
+        "--max-connection-age",
+        type=_seconds,
+        default=None,
+        help="rotate client connections after this many seconds (default: never)",
+    )
+    p.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
+    p.add_argument("--db-pool-size", type=int, default=10)
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="command")
+    db = sub.add_parser("db", help="database maintenance")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("upgrade", help="apply pending migrations and exit")
+    return p
+
+
+def config_from(args: argparse.Namespace) -> ServerConfig:
+    config = ServerConfig(
+        listen=args.listen,
+        database_url=args.database_url,
+        data_dir=args.data_dir,
+        heartbeat_interval=args.heartbeat_interval,
+        liveness_intervals=args.liveness_intervals,
+        ack_timeout=args.ack_timeout,
+        completion_grace=args.completion_grace,
+        sweep_interval=args.sweep_interval,
+        shutdown_grace=args.shutdown_grace,
+        max_connection_age=args.max_connection_age,
+        max_message_bytes=args.max_message_bytes,
+        db_pool_size=args.db_pool_size,
+    )
+    if args.server_id:
+        config.server_id = args.server_id
+    return config
+
+
+async def upgrade(config: ServerConfig) -> None:
+    url = await asyncio.to_thread(resolve_database_url, config)
+    engine = create_engine(url, pool_size=1)
+    try:
+        applied = await migrate.upgrade(engine)
+        print(f"applied migrations: {applied}" if applied else "database is up to date")
+    finally:
+        await engine.dispose()
+
+
+async def serve(config: ServerConfig) -> None:
+    server = PulseServer(config)
+    await server.start()
+    gc.freeze()  # start-up objects leave the collector's generations: shorter full collections
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"pulse-server listening on {config.listen}", flush=True)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config = config_from(args)
+    if args.command == "db":
+        asyncio.run(upgrade(config))
+        return 0
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
