@@ -51,6 +51,7 @@ class Hub:
         self._tasks: list[asyncio.Task[None]] = []
         self._wakeups: set[asyncio.Task[None]] = set()
         self.sweeps = 0
+        self.draining = False
 
     # --- life of the hub ------------------------------------------------------------------------
 
@@ -71,6 +72,7 @@ class Hub:
 
     def drain(self) -> None:
         """Ask every agent to reconnect elsewhere, each after its own random delay."""
+        self.draining = True
         spread = self.settings.drain_spread.total_seconds()
         for session in self.sessions.all():
             session.push(DrainRequest(timedelta(seconds=random.uniform(0, spread))))
@@ -82,6 +84,8 @@ class Hub:
     # --- sessions -------------------------------------------------------------------------------
 
     async def open_session(self, hello: Hello) -> AgentSession:
+        if self.draining:
+            raise Unavailable("server is shutting down; connect to another server")
         session = AgentSession(hello, new_id())
         stops = await self.store.open_session(
             hello, session.session_id, self.settings.server_id, self.settings.heartbeat_interval
