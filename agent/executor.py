@@ -46,7 +46,7 @@ class Executor:
     ) -> None:
         self._profiler = profiler
         self._state = state
-        self._output_dir = output_dir
+        self._output_dir = output_dir.resolve()
         self._report = report
         self._queue: asyncio.Queue[_Work] = asyncio.Queue()
         self._queued: dict[str, _Work] = {}

@@ -15,7 +15,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-KEEP_FINISHED = 10_000
+# A command can be delivered for at most its TTL (<= 1 day) after it was created, so records of
+# reported commands older than this can never be needed again to refuse a second run.
+KEEP_REPORTED_SECONDS = 3 * 86400
 
 
 @dataclass(frozen=True)
@@ -87,9 +89,8 @@ class AgentState:
         with self._lock:
             self._db.execute("UPDATE runs SET reported = 1 WHERE command_id = ?", (command_id,))
             self._db.execute(
-                "DELETE FROM runs WHERE reported = 1 AND command_id NOT IN "
-                "(SELECT command_id FROM runs ORDER BY started_at DESC LIMIT ?)",
-                (KEEP_FINISHED,),
+                "DELETE FROM runs WHERE reported = 1 AND started_at < ?",
+                (time.time() - KEEP_REPORTED_SECONDS,),
             )
             self._db.commit()
 

@@ -33,6 +33,8 @@ def start_embedded(data_dir: Path) -> str:
     """
     import pgserver  # imported lazily: only needed without a database URL
 
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+
     pgdata = data_dir / "pgdata"
     pgdata.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(str(pgdata), cleanup_mode="stop")

@@ -19,10 +19,11 @@ MAX_ERROR_MESSAGE = 4096
 DEFAULT_FREQUENCY_HZ = 11
 DEFAULT_TTL_SECONDS = 300
 
-_AGENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_SERVICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
-_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,252})$")
-_MAP_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Used with fullmatch: `$` would also accept a trailing newline.
+_AGENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+_HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+_MAP_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def uuid_field(value: str, field: str) -> uuid.UUID:
@@ -37,7 +38,7 @@ def uuid_field(value: str, field: str) -> uuid.UUID:
 def service_name(value: str, field: str = "service_name") -> str:
     if not value:
         raise InvalidArgument(field, "required")
-    if not _SERVICE.match(value):
+    if not _SERVICE.fullmatch(value):
         raise InvalidArgument(
             field, "must be 1..128 characters of letters, digits and ._/- (starting alphanumeric)"
         )
@@ -47,7 +48,7 @@ def service_name(value: str, field: str = "service_name") -> str:
 def hostname(value: str, field: str) -> str:
     if not value:
         raise InvalidArgument(field, "required")
-    if len(value) > MAX_HOSTNAME or not _HOSTNAME.match(value):
+    if len(value) > MAX_HOSTNAME or not _HOSTNAME.fullmatch(value):
         raise InvalidArgument(field, "not a valid hostname (1..253 of letters, digits and ._-)")
     return value
 
@@ -64,7 +65,7 @@ def hostnames(values: Sequence[str], field: str = "hostnames") -> tuple[str, ...
 def agent_id(value: str, field: str = "agent_id") -> str:
     if not value:
         raise InvalidArgument(field, "required")
-    if not _AGENT_ID.match(value):
+    if not _AGENT_ID.fullmatch(value):
         raise InvalidArgument(field, "must be 1..128 characters of letters, digits and ._:-")
     return value
 
@@ -73,7 +74,7 @@ def string_map(values: Mapping[str, str], field: str) -> dict[str, str]:
     if len(values) > MAX_MAP_ENTRIES:
         raise InvalidArgument(field, f"at most {MAX_MAP_ENTRIES} entries")
     for key, value in values.items():
-        if not _MAP_KEY.match(key):
+        if not _MAP_KEY.fullmatch(key):
             raise InvalidArgument(f"{field}[{key[:64]!r}]", "key must be 1..64 of [A-Za-z0-9_.-]")
         if len(value) > MAX_MAP_VALUE:
             raise InvalidArgument(f"{field}[{key!r}]", f"value longer than {MAX_MAP_VALUE}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
 
 from agent.profilers.base import MODE_ALLOCATION, MODE_CPU, MODE_NONE, Job, ProfileOutput
@@ -24,9 +25,13 @@ class SimulatedProfiler:
         return None
 
     async def run(self, job: Job, output: Path, stop: asyncio.Event) -> ProfileOutput:
+        planned = job.duration_seconds * self._time_scale
+        started = time.monotonic()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), job.duration_seconds * self._time_scale)
-        samples = job.duration_seconds * job.frequency_hz
+            await asyncio.wait_for(stop.wait(), planned)
+        # Samples a real profiler would have taken in the time it ran (all of them if not stopped).
+        ran = min(1.0, (time.monotonic() - started) / planned) if planned else 1.0
+        samples = round(job.duration_seconds * job.frequency_hz * ran)
         text = (
             "# simulated profile: no process was sampled (pulse-agent --profiler simulated)\n"
             f"simulated;command {job.command_id} {samples}\n"

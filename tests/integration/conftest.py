@@ -1,4 +1,4 @@
-"""In-process Pulse servers (grpc.aio on port 0, real PostgreSQL) and agents for integration tests."""
+"""In-process Pulse servers (grpc.aio, port 0, real PostgreSQL) and agents."""
 
 from __future__ import annotations
 
@@ -157,9 +157,7 @@ def submit_request(service: str = "checkout", **fields: Any) -> ppb.SubmitProfil
     return ppb.SubmitProfileRequestRequest(service_name=service, **fields)
 
 
-async def get_request(
-    stub: ppb_grpc.ProfilingServiceStub, request_id: str
-) -> ppb.ProfileRequest:
+async def get_request(stub: ppb_grpc.ProfilingServiceStub, request_id: str) -> ppb.ProfileRequest:
     response = await stub.GetProfileRequest(ppb.GetProfileRequestRequest(request_id=request_id))
     return response.request
 

@@ -128,9 +128,7 @@ async def test_agent_never_runs_a_command_twice_across_restarts(harness: Harness
     ops = harness.operator(server)
     submitted = await ops.SubmitProfileRequest(submit_request(duration_seconds=1))
     command_id = submitted.targets[0].command_id
-    await eventually(
-        lambda: get_request(ops, submitted.request_id), lambda r: r.state == SUCCEEDED
-    )
+    await eventually(lambda: get_request(ops, submitted.request_id), lambda r: r.state == SUCCEEDED)
     await harness.stop_agent(agent)
 
     # The same host comes back (same state directory) and is sent the same command again,
@@ -233,7 +231,7 @@ async def test_completion_for_an_undelivered_command_is_refused(harness: Harness
 
 async def test_cancel_stops_running_and_drops_queued_commands(harness: Harness) -> None:
     server = await harness.server()
-    agent, profiler = await harness.agent(server, profiler=CountingProfiler(time_scale=1.0))
+    _, profiler = await harness.agent(server, profiler=CountingProfiler(time_scale=1.0))
     ops = harness.operator(server)
     running = await ops.SubmitProfileRequest(submit_request(duration_seconds=60))
     queued = await ops.SubmitProfileRequest(submit_request(duration_seconds=60))
@@ -291,7 +289,10 @@ async def test_stop_profiling_cancels_everything_on_a_host(harness: Harness) -> 
     assert states["web-2"] == cpb.COMMAND_STATE_RUNNING
     other = await get_request(ops, queued.request_id)
     other_states = {t.hostname: t.command_state for t in other.targets}
-    assert other_states == {"web-1": cpb.COMMAND_STATE_CANCELLED, "web-2": cpb.COMMAND_STATE_PENDING}
+    assert other_states == {
+        "web-1": cpb.COMMAND_STATE_CANCELLED,
+        "web-2": cpb.COMMAND_STATE_PENDING,
+    }
 
 
 async def test_named_host_waits_for_its_agent_then_runs(harness: Harness) -> None:
@@ -353,13 +354,9 @@ async def test_continuous_request_runs_sessions_until_cancelled(harness: Harness
     server = await harness.server()
     _, profiler = await harness.agent(server, profiler=CountingProfiler(time_scale=0.1))
     ops = harness.operator(server)
-    submitted = await ops.SubmitProfileRequest(
-        submit_request(duration_seconds=1, continuous=True)
-    )
+    submitted = await ops.SubmitProfileRequest(submit_request(duration_seconds=1, continuous=True))
     command_id = submitted.targets[0].command_id
-    await eventually(
-        lambda: asyncio.sleep(0.05, profiler.runs[command_id]), lambda n: n >= 3
-    )
+    await eventually(lambda: asyncio.sleep(0.05, profiler.runs[command_id]), lambda n: n >= 3)
     assert (await get_request(ops, submitted.request_id)).state == ppb.REQUEST_STATE_RUNNING
     await ops.CancelProfileRequest(ppb.CancelProfileRequestRequest(request_id=submitted.request_id))
     done = await eventually(

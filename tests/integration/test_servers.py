@@ -102,7 +102,7 @@ async def test_graceful_shutdown_drains_agents_and_requeues_unacknowledged(
 
 async def test_real_agent_follows_a_rolling_restart(harness: Harness) -> None:
     server = await harness.server()
-    agent, profiler = await harness.agent(server)
+    _, profiler = await harness.agent(server)
     port = server.port
     await server.stop()
     harness.servers.remove(server)

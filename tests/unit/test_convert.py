@@ -140,7 +140,11 @@ def test_mode_round_trip() -> None:
 def test_hello_from_proto() -> None:
     hello = convert.hello_from_proto(
         hello_message(
-            supported_modes=[cpb.PROFILING_MODE_CPU, cpb.PROFILING_MODE_NONE, cpb.PROFILING_MODE_CPU],
+            supported_modes=[
+                cpb.PROFILING_MODE_CPU,
+                cpb.PROFILING_MODE_NONE,
+                cpb.PROFILING_MODE_CPU,
+            ],
             running_command_ids=["a", "b"],
             finished_command_ids=["c"],
         )

@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from server.lifecycle import (
     BUSY,
@@ -21,6 +26,10 @@ from server.lifecycle import (
 
 S = CommandState
 
+if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+    # Hypothesis caches into ./.hypothesis by default; keep the repository clean.
+    set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "pulse-unit-hypothesis")
+
 
 # --- the command state machine -------------------------------------------------------------------
 
@@ -34,7 +43,7 @@ def test_terminal_states_absorb_every_event(state: CommandState, event: Event) -
 def test_terminal_and_busy_sets() -> None:
     assert {S.PENDING, S.SENT, S.RUNNING}.isdisjoint(TERMINAL)
     assert set(CommandState) - TERMINAL == {S.PENDING, S.SENT, S.RUNNING}
-    assert BUSY == {S.SENT, S.RUNNING}
+    assert {S.SENT, S.RUNNING} == BUSY
     assert BUSY.isdisjoint(TERMINAL)
 
 
@@ -95,7 +104,9 @@ def test_sources_of_selected_events(event: Event, expected: set[CommandState]) -
 
 def test_refused_transitions_return_none() -> None:
     assert next_state(S.PENDING, Event.ACK_ACCEPTED) is None
-    assert next_state(S.RUNNING, Event.CANCEL) is None  # a running command is stopped, not cancelled
+    assert (
+        next_state(S.RUNNING, Event.CANCEL) is None
+    )  # a running command is stopped, not cancelled
     assert next_state(S.RUNNING, Event.EXPIRE) is None
     assert next_state(S.PENDING, Event.COMPLETE_SUCCEEDED) is None
     assert next_state(S.SENT, Event.TIME_OUT) is None
@@ -113,7 +124,7 @@ def test_completion_event_refuses_unknown_outcome() -> None:
         completion_event("exploded")
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(st.lists(st.sampled_from(list(Event)), max_size=40))
 def test_random_event_sequences_respect_the_rules(events: list[Event]) -> None:
     state = S.PENDING
@@ -171,7 +182,7 @@ def test_request_state(
     assert request_state(counts, cancelled) is expected
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(
     st.dictionaries(st.sampled_from(list(CommandState)), st.integers(0, 5), min_size=1),
     st.booleans(),

@@ -188,17 +188,13 @@ def test_too_many_hostnames_refused() -> None:
     assert field_of(validation.hostnames, hosts) == "hostnames"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the name regexes in server/validation.py end in `$`, which also matches before "
-    "a trailing newline, so 'web-1\\n' (and service names, agent ids, map keys) are accepted",
-)
 @pytest.mark.parametrize(
     ("call", "value"),
     [
         (validation.hostname, "web-1\n"),
         (validation.service_name, "checkout\n"),
         (validation.agent_id, "agent-1\n"),
+        (lambda key, field: validation.string_map({key: "1"}, field), "native\n"),
     ],
 )
 def test_trailing_newline_refused(call: Any, value: str) -> None:

@@ -30,9 +30,9 @@ class _RequestStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RequestS
     REQUEST_STATE_UNSPECIFIED: _RequestState.ValueType  # 0
     """Never used by the server. In a list filter it means "any state"."""
     REQUEST_STATE_PENDING: _RequestState.ValueType  # 1
-    """No target has been delivered yet."""
+    """Every target is still waiting for delivery."""
     REQUEST_STATE_RUNNING: _RequestState.ValueType  # 2
-    """At least one target was delivered and at least one is not finished."""
+    """Some targets were delivered or finished, and at least one is not finished."""
     REQUEST_STATE_SUCCEEDED: _RequestState.ValueType  # 3
     """Every target succeeded."""
     REQUEST_STATE_PARTIALLY_SUCCEEDED: _RequestState.ValueType  # 4
@@ -48,9 +48,9 @@ class RequestState(_RequestState, metaclass=_RequestStateEnumTypeWrapper):
 REQUEST_STATE_UNSPECIFIED: RequestState.ValueType  # 0
 """Never used by the server. In a list filter it means "any state"."""
 REQUEST_STATE_PENDING: RequestState.ValueType  # 1
-"""No target has been delivered yet."""
+"""Every target is still waiting for delivery."""
 REQUEST_STATE_RUNNING: RequestState.ValueType  # 2
-"""At least one target was delivered and at least one is not finished."""
+"""Some targets were delivered or finished, and at least one is not finished."""
 REQUEST_STATE_SUCCEEDED: RequestState.ValueType  # 3
 """Every target succeeded."""
 REQUEST_STATE_PARTIALLY_SUCCEEDED: RequestState.ValueType  # 4
