@@ -31,8 +31,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from server import lifecycle
 from server.domain import (
+    Ack,
     AckOutcome,
     AgentView,
+    ClaimFor,
     CommandToSend,
     Completion,
     FailedPrecondition,
@@ -43,6 +45,7 @@ from server.domain import (
     PermissionDenied,
     ProfilingMode,
     ProfilingSpec,
+    PulseError,
     RequestView,
     StopResult,
     SubmitRequest,
@@ -505,9 +508,14 @@ class Store:
 
         Commands sent on earlier sessions and never acknowledged go back to pending (they will be
         re-sent with the same id); stops not yet confirmed will be sent again. Returns the commands
-        the agent says it runs that were cancelled meanwhile (the caller stops them).
+        the agent says it runs that were cancelled meanwhile (the caller stops them). Servers
+        holding an older session of the agent are told (one NOTIFY) only when there was one.
         """
         async with self.engine.begin() as conn:
+            previous = await conn.scalar(
+                text("SELECT session_id FROM agents WHERE agent_id = :agent FOR UPDATE"),
+                {"agent": hello.agent_id},
+            )
             await conn.execute(
                 text(
                     """
@@ -539,30 +547,33 @@ class Store:
                     "interval_ms": int(interval.total_seconds() * 1000),
                 },
             )
+            # One statement: unacknowledged sends go back to pending, unconfirmed stops are re-sent.
             await conn.execute(
                 text(
-                    "UPDATE commands SET state = 'pending', session_id = NULL "
-                    "WHERE agent_id = :agent AND state = ANY(:from)"
+                    """
+                    UPDATE commands SET
+                        state = CASE WHEN state = ANY(:lost) THEN 'pending' ELSE state END,
+                        session_id = CASE WHEN state = ANY(:lost) THEN NULL ELSE session_id END,
+                        stop_sent_at = CASE WHEN state = 'running' THEN NULL ELSE stop_sent_at END
+                    WHERE agent_id = :agent
+                      AND (state = ANY(:lost) OR (state = 'running' AND stop_requested))
+                    """
                 ),
-                {"agent": hello.agent_id, "from": _states(lifecycle.sources(Event.STREAM_LOST))},
+                {"agent": hello.agent_id, "lost": _states(lifecycle.sources(Event.STREAM_LOST))},
             )
-            await conn.execute(
-                text(
-                    "UPDATE commands SET stop_sent_at = NULL WHERE agent_id = :agent "
-                    "AND state = 'running' AND stop_requested"
-                ),
-                {"agent": hello.agent_id},
-            )
-            running = [_uuid_or_none(i) for i in hello.running_command_ids]
-            cancelled = await conn.execute(
-                text(
-                    "SELECT command_id FROM commands WHERE command_id = ANY(:ids) "
-                    "AND agent_id = :agent AND state = 'cancelled'"
-                ),
-                {"ids": [i for i in running if i], "agent": hello.agent_id},
-            )
-            stops = [row.command_id for row in cancelled]
-            await self._notify(conn, f"s:{hello.agent_id}:{session_id}")
+            stops: list[uuid.UUID] = []
+            running = [i for i in map(_uuid_or_none, hello.running_command_ids) if i]
+            if running:
+                cancelled = await conn.execute(
+                    text(
+                        "SELECT command_id FROM commands WHERE command_id = ANY(:ids) "
+                        "AND agent_id = :agent AND state = 'cancelled'"
+                    ),
+                    {"ids": running, "agent": hello.agent_id},
+                )
+                stops = [row.command_id for row in cancelled]
+            if previous is not None and previous != session_id:
+                await self._notify(conn, f"s:{hello.agent_id}:{session_id}")
         return stops
 
     @database_errors
@@ -593,181 +604,259 @@ class Store:
             if requeued.rowcount:
                 await self._notify(conn, f"a:{agent_id}")
 
-    @database_errors
     async def claim(
         self, agent_id: str, session_id: uuid.UUID, service_name: str, hostname: str, limit: int = 1
     ) -> tuple[list[CommandToSend], list[uuid.UUID]]:
-        """Claim what this session must write now: stops to deliver, and the agent's next
-        commands (oldest first) when it has none sent or running.
+        """`claim_batch` for one session."""
+        claimed = await self.claim_batch(
+            [ClaimFor(agent_id, session_id, service_name, hostname)], limit
+        )
+        return claimed.get(agent_id, ([], []))
 
-        Locking the agent's row serialises claims for one agent across servers; the claim itself
-        is the one-statement MATERIALIZED ... FOR UPDATE SKIP LOCKED pattern, which never takes more
-        than `limit` rows.
+    @database_errors
+    async def claim_batch(
+        self, sessions: Sequence[ClaimFor], limit: int = 1
+    ) -> dict[str, tuple[list[CommandToSend], list[uuid.UUID]]]:
+        """Claim, for many sessions in one transaction, what each must write now: stops to
+        deliver, and the agent's next `limit` commands (oldest first) when it has none sent or
+        running. Sessions that no longer own their agent get nothing.
+
+        The agents' rows are locked first (in a fixed order, so servers never deadlock): that
+        serialises claims for one agent across servers, and the claim statement, which runs
+        after the lock with a fresh snapshot, sees every committed send. The claim is the
+        MATERIALIZED ... FOR UPDATE SKIP LOCKED pattern, which never takes more than `limit` rows
+        per agent.
         """
+        if not sessions:
+            return {}
+        params = {
+            "agents": [s.agent_id for s in sessions],
+            "sessions": [s.session_id for s in sessions],
+            "services": [s.service_name for s in sessions],
+            "hosts": [s.hostname for s in sessions],
+            "limit": limit,
+        }
+        result: dict[str, tuple[list[CommandToSend], list[uuid.UUID]]] = {}
         async with self.engine.begin() as conn:
-            owner = await conn.execute(
+            owned = await conn.execute(
                 text(
-                    "SELECT 1 FROM agents WHERE agent_id = :agent AND session_id = :session "
-                    "FOR UPDATE"
+                    """
+                    SELECT a.agent_id FROM agents a
+                    JOIN unnest(CAST(:agents AS text[]), CAST(:sessions AS uuid[]))
+                        AS u(agent_id, session_id)
+                      ON a.agent_id = u.agent_id AND a.session_id = u.session_id
+                    ORDER BY a.agent_id
+                    FOR UPDATE OF a
+                    """
                 ),
-                {"agent": agent_id, "session": session_id},
+                params,
             )
-            if owner.first() is None:
-                return [], []  # superseded: a newer session owns the agent
+            params["owned"] = [row.agent_id for row in owned]
+            if not params["owned"]:
+                return result
             stops = await conn.execute(
                 text(
-                    "UPDATE commands SET stop_sent_at = now() WHERE agent_id = :agent "
+                    "UPDATE commands SET stop_sent_at = now() WHERE agent_id = ANY(:owned) "
                     "AND state = 'running' AND stop_requested AND stop_sent_at IS NULL "
-                    "RETURNING command_id"
+                    "RETURNING agent_id, command_id"
                 ),
-                {"agent": agent_id},
+                params,
             )
-            stop_ids = [row.command_id for row in stops]
+            for row in stops:
+                result.setdefault(row.agent_id, ([], []))[1].append(row.command_id)
             rows = await conn.execute(
                 text(
                     """
-                    WITH c AS MATERIALIZED (
-                        SELECT command_id FROM commands
-                        WHERE state = 'pending' AND expires_at > now()
-                          AND (agent_id = :agent
-                               OR (agent_id IS NULL AND service_name = :service
-                                   AND hostname = :hostname))
-                          AND NOT EXISTS (SELECT 1 FROM commands b WHERE b.agent_id = :agent
+                    WITH a AS (
+                        SELECT * FROM unnest(CAST(:agents AS text[]), CAST(:sessions AS uuid[]),
+                                             CAST(:services AS text[]), CAST(:hosts AS text[]))
+                            AS a(agent_id, session_id, service_name, hostname)
+                        WHERE a.agent_id = ANY(:owned)
+                          AND NOT EXISTS (SELECT 1 FROM commands b WHERE b.agent_id = a.agent_id
                                           AND b.state IN ('sent', 'running'))
-                        ORDER BY seq
-                        LIMIT :limit
-                        FOR UPDATE SKIP LOCKED
+                    ),
+                    c AS MATERIALIZED (
+                        SELECT a.agent_id, a.session_id, p.command_id
+                        FROM a CROSS JOIN LATERAL (
+                            SELECT m.command_id FROM commands m
+                            WHERE m.state = 'pending' AND m.expires_at > now()
+                              AND (m.agent_id = a.agent_id
+                                   OR (m.agent_id IS NULL AND m.service_name = a.service_name
+                                       AND m.hostname = a.hostname))
+                            ORDER BY m.seq
+                            LIMIT :limit
+                            FOR UPDATE SKIP LOCKED
+                        ) p
                     )
-                    UPDATE commands m SET state = 'sent', agent_id = :agent,
-                        session_id = :session, sent_at = now(), attempts = m.attempts + 1
+                    UPDATE commands m SET state = 'sent', agent_id = c.agent_id,
+                        session_id = c.session_id, sent_at = clock_timestamp(),
+                        attempts = m.attempts + 1
                     FROM c, profile_requests r
                     WHERE m.command_id = c.command_id AND r.request_id = m.request_id
-                    RETURNING m.command_id, m.request_id, m.expires_at, r.duration_seconds,
-                        r.frequency_hz, r.profiling_mode, r.pids, r.additional_args, r.continuous
+                    RETURNING c.agent_id, m.command_id, m.request_id, m.expires_at,
+                        r.duration_seconds, r.frequency_hz, r.profiling_mode, r.pids,
+                        r.additional_args, r.continuous
                     """
                 ),
-                {
-                    "agent": agent_id,
-                    "session": session_id,
-                    "service": service_name,
-                    "hostname": hostname,
-                    "limit": limit,
-                },
+                params,
             )
-            commands = [
-                CommandToSend(
-                    command_id=row.command_id,
-                    request_id=row.request_id,
-                    spec=_spec(row),
-                    expires_at=row.expires_at,
+            for row in rows:
+                result.setdefault(row.agent_id, ([], []))[0].append(
+                    CommandToSend(
+                        command_id=row.command_id,
+                        request_id=row.request_id,
+                        spec=_spec(row),
+                        expires_at=row.expires_at,
+                    )
                 )
-                for row in rows
-            ]
-        return commands, stop_ids
+        return result
 
-    @database_errors
     async def record_ack(
         self, agent_id: str, command_id: uuid.UUID, accepted: bool, reason: str
     ) -> AckOutcome:
-        """sent -> running (accepted) or rejected. A repeat, or an ack for a command that moved on
-        meanwhile, changes nothing; an accepted ack of a cancelled command asks for a stop."""
-        async with self.engine.begin() as conn:
-            if accepted:
-                moved = await conn.execute(
-                    text(
-                        """
-                        UPDATE commands m SET state = 'running', started_at = now(),
-                            deadline_at = CASE WHEN r.continuous THEN NULL
-                                ELSE now() + (r.duration_seconds + :grace) * interval '1 second'
-                            END
-                        FROM profile_requests r
-                        WHERE m.command_id = :id AND m.agent_id = :agent
-                          AND m.state = ANY(:from) AND r.request_id = m.request_id
-                        RETURNING m.state
-                        """
-                    ),
-                    {
-                        "id": command_id,
-                        "agent": agent_id,
-                        "grace": self.completion_grace.total_seconds(),
-                        "from": _states(lifecycle.sources(Event.ACK_ACCEPTED)),
-                    },
-                )
-            else:
-                moved = await conn.execute(
-                    text(
-                        "UPDATE commands SET state = 'rejected', finished_at = now(), "
-                        "error_message = :reason WHERE command_id = :id AND agent_id = :agent "
-                        "AND state = ANY(:from) RETURNING state"
-                    ),
-                    {
-                        "id": command_id,
-                        "agent": agent_id,
-                        "reason": reason or "rejected by agent",
-                        "from": _states(lifecycle.sources(Event.ACK_REJECTED)),
-                    },
-                )
-            row = moved.first()
-            if row is not None:
-                return AckOutcome(state=CommandState(row.state))
-            current = await self._command_owner(conn, command_id, agent_id)
-            stop = accepted and current == CommandState.CANCELLED
-            return AckOutcome(state=current, stop=stop)
-
-    async def _command_owner(
-        self, conn: AsyncConnection, command_id: uuid.UUID, agent_id: str
-    ) -> CommandState:
-        row = (
-            await conn.execute(
-                text("SELECT state, agent_id FROM commands WHERE command_id = :id"),
-                {"id": command_id},
-            )
-        ).first()
-        if row is None:
-            raise NotFound(f"command {command_id} not found")
-        if row.agent_id != agent_id:
-            raise PermissionDenied(f"command {command_id} does not belong to agent {agent_id}")
-        return CommandState(row.state)
+        """`record_acks` for one ack."""
+        (outcome,) = await self.record_acks([Ack(agent_id, command_id, accepted, reason)])
+        if isinstance(outcome, PulseError):
+            raise outcome
+        return outcome
 
     @database_errors
-    async def record_completion(self, completion: Completion) -> CommandState:
-        """Record the agent's outcome once; a repeat returns the state recorded first."""
-        event = lifecycle.completion_event(completion.outcome.value)
+    async def record_acks(self, acks: Sequence[Ack]) -> Sequence[AckOutcome | PulseError]:
+        """sent -> running (accepted) or rejected, for many acks in one statement. A repeat, or an
+        ack for a command that moved on meanwhile, changes nothing; an accepted ack of a cancelled
+        command asks for a stop. Results are in the order of `acks`."""
+        sources = lifecycle.sources(Event.ACK_ACCEPTED)
+        assert sources == lifecycle.sources(Event.ACK_REJECTED)
         async with self.engine.begin() as conn:
             moved = await conn.execute(
                 text(
                     """
-                    UPDATE commands SET state = :to, finished_at = now(),
-                        started_at = coalesce(started_at, :started),
-                        error_message = CASE WHEN :error <> '' THEN :error ELSE error_message END,
-                        result_location = :location, result_samples = :samples,
-                        result_bytes = :bytes
-                    WHERE command_id = :id AND agent_id = :agent AND state = ANY(:from)
-                    RETURNING state
+                    UPDATE commands m SET
+                        state = CASE WHEN v.accepted THEN 'running' ELSE 'rejected' END,
+                        started_at = CASE WHEN v.accepted THEN clock_timestamp()
+                            ELSE m.started_at END,
+                        deadline_at = CASE WHEN v.accepted AND NOT r.continuous
+                            THEN clock_timestamp()
+                                 + (r.duration_seconds + :grace) * interval '1 second'
+                            END,
+                        finished_at = CASE WHEN v.accepted THEN NULL ELSE clock_timestamp() END,
+                        error_message = CASE WHEN v.accepted THEN m.error_message
+                            ELSE coalesce(nullif(v.reason, ''), 'rejected by agent') END
+                    FROM unnest(CAST(:ids AS uuid[]), CAST(:agents AS text[]),
+                                CAST(:accepted AS boolean[]), CAST(:reasons AS text[]))
+                            AS v(command_id, agent_id, accepted, reason),
+                         profile_requests r
+                    WHERE m.command_id = v.command_id AND m.agent_id = v.agent_id
+                      AND m.state = ANY(:from) AND r.request_id = m.request_id
+                    RETURNING m.command_id, m.agent_id, m.state
                     """
                 ),
                 {
-                    "to": lifecycle.target(event).value,
-                    "started": completion.started_at,
-                    "error": completion.error_message,
-                    "location": completion.result_location,
-                    "samples": completion.result_samples,
-                    "bytes": completion.result_bytes,
-                    "id": completion.command_id,
-                    "agent": completion.agent_id,
-                    "from": _states(lifecycle.sources(event)),
+                    "ids": [a.command_id for a in acks],
+                    "agents": [a.agent_id for a in acks],
+                    "accepted": [a.accepted for a in acks],
+                    "reasons": [a.reason for a in acks],
+                    "grace": self.completion_grace.total_seconds(),
+                    "from": _states(sources),
                 },
             )
-            row = moved.first()
-            if row is not None:
-                await self._notify(conn, f"a:{completion.agent_id}")
-                return CommandState(row.state)
-            current = await self._command_owner(conn, completion.command_id, completion.agent_id)
-            if current == CommandState.PENDING:
-                raise FailedPrecondition(
+            moved_now = {row.command_id: (CommandState(row.state), row.agent_id) for row in moved}
+            current = await self._owners(
+                conn, [a.command_id for a in acks if a.command_id not in moved_now]
+            )
+        current.update(moved_now)
+        results: list[AckOutcome | PulseError] = []
+        for ack in acks:
+            checked = _owned_state(current, ack.command_id, ack.agent_id)
+            if isinstance(checked, PulseError) or ack.command_id in moved_now:
+                results.append(checked if isinstance(checked, PulseError) else AckOutcome(checked))
+            else:
+                stop = ack.accepted and checked == CommandState.CANCELLED
+                results.append(AckOutcome(state=checked, stop=stop))
+        return results
+
+    async def _owners(
+        self, conn: AsyncConnection, command_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, tuple[CommandState, str | None]]:
+        if not command_ids:
+            return {}
+        rows = await conn.execute(
+            text("SELECT command_id, state, agent_id FROM commands WHERE command_id = ANY(:ids)"),
+            {"ids": list(command_ids)},
+        )
+        return {row.command_id: (CommandState(row.state), row.agent_id) for row in rows}
+
+    async def record_completion(self, completion: Completion, notify: bool = True) -> CommandState:
+        """`record_completions` for one completion."""
+        (outcome,) = await self.record_completions([completion], notify=notify)
+        if isinstance(outcome, PulseError):
+            raise outcome
+        return outcome
+
+    @database_errors
+    async def record_completions(
+        self, completions: Sequence[Completion], notify: bool | Sequence[bool] = True
+    ) -> Sequence[CommandState | PulseError]:
+        """Record agents' outcomes, each once; a repeat returns the state recorded first. The
+        agents freed by a recorded completion are announced in one NOTIFY (when `notify` says the
+        agent's stream is not held by the caller, which wakes it directly)."""
+        events = [lifecycle.completion_event(c.outcome.value) for c in completions]
+        sources = {lifecycle.sources(e) for e in events}
+        assert len(sources) <= 1, "every completion event moves from the same states"
+        wanted = [notify] * len(completions) if isinstance(notify, bool) else list(notify)
+        async with self.engine.begin() as conn:
+            moved = await conn.execute(
+                text(
+                    """
+                    UPDATE commands m SET state = v.target, finished_at = clock_timestamp(),
+                        started_at = coalesce(m.started_at, v.started),
+                        error_message = CASE WHEN v.error <> '' THEN v.error
+                            ELSE m.error_message END,
+                        result_location = v.location, result_samples = v.samples,
+                        result_bytes = v.bytes
+                    FROM unnest(CAST(:ids AS uuid[]), CAST(:agents AS text[]),
+                                CAST(:targets AS text[]), CAST(:started AS timestamptz[]),
+                                CAST(:errors AS text[]), CAST(:locations AS text[]),
+                                CAST(:samples AS bigint[]), CAST(:bytes AS bigint[]))
+                        AS v(command_id, agent_id, target, started, error, location, samples,
+                             bytes)
+                    WHERE m.command_id = v.command_id AND m.agent_id = v.agent_id
+                      AND m.state = ANY(:from)
+                    RETURNING m.command_id, m.agent_id, m.state
+                    """
+                ),
+                {
+                    "ids": [c.command_id for c in completions],
+                    "agents": [c.agent_id for c in completions],
+                    "targets": [lifecycle.target(e).value for e in events],
+                    "started": [c.started_at for c in completions],
+                    "errors": [c.error_message for c in completions],
+                    "locations": [c.result_location for c in completions],
+                    "samples": [c.result_samples for c in completions],
+                    "bytes": [c.result_bytes for c in completions],
+                    "from": _states(next(iter(sources), frozenset())),
+                },
+            )
+            states = {row.command_id: (CommandState(row.state), row.agent_id) for row in moved}
+            announce = sorted(
+                {c.agent_id for c, w in zip(completions, wanted, strict=True)
+                 if w and c.command_id in states}
+            )  # fmt: skip
+            for payload in _agent_payloads(announce):
+                await self._notify(conn, payload)
+            current = await self._owners(
+                conn, [c.command_id for c in completions if c.command_id not in states]
+            )
+        current.update(states)
+        results: list[CommandState | PulseError] = []
+        for completion in completions:
+            checked = _owned_state(current, completion.command_id, completion.agent_id)
+            if checked == CommandState.PENDING:
+                checked = FailedPrecondition(
                     f"command {completion.command_id} was never delivered to this agent"
                 )
-            return current
+            results.append(checked)
+        return results
 
     @database_errors
     async def flush_heartbeats(self, seen: Sequence[tuple[str, uuid.UUID, datetime]]) -> int:
@@ -903,6 +992,34 @@ class Store:
                 else:
                     agents.add(row.agent_id)
             return agents, hosts
+
+
+def _owned_state(
+    current: dict[uuid.UUID, tuple[CommandState, str | None]], command_id: uuid.UUID, agent_id: str
+) -> CommandState | PulseError:
+    """The command's state if `agent_id` owns it, else the error to answer with."""
+    if command_id not in current:
+        return NotFound(f"command {command_id} not found")
+    state, owner = current[command_id]
+    if owner != agent_id:
+        return PermissionDenied(f"command {command_id} does not belong to agent {agent_id}")
+    return state
+
+
+def _agent_payloads(agent_ids: Sequence[str], limit: int = 7900) -> list[str]:
+    """NOTIFY payloads `a:<id>,<id>,...`, each under PostgreSQL's 8000-byte limit."""
+    payloads: list[str] = []
+    current: list[str] = []
+    size = 2
+    for agent_id in agent_ids:
+        if current and size + len(agent_id) + 1 > limit:
+            payloads.append("a:" + ",".join(current))
+            current, size = [], 2
+        current.append(agent_id)
+        size += len(agent_id) + 1
+    if current:
+        payloads.append("a:" + ",".join(current))
+    return payloads
 
 
 def _uuid_or_none(value: str) -> uuid.UUID | None:

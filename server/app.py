@@ -58,7 +58,8 @@ class ServerConfig:
     keepalive_timeout: timedelta = timedelta(seconds=10)
     max_connection_age: timedelta | None = None
     db_pool_size: int = 10
-    dispatch_workers: int = 4
+    dispatch_workers: int = 2
+    max_heartbeat_rate: float = 1000.0
     migrate: bool = True
 
     def hub_settings(self) -> HubSettings:
@@ -70,6 +71,7 @@ class ServerConfig:
             sweep_interval=self.sweep_interval,
             heartbeat_flush_interval=min(self.heartbeat_flush_interval, self.heartbeat_interval),
             dispatch_workers=self.dispatch_workers,
+            max_heartbeat_rate=self.max_heartbeat_rate,
             drain_spread=self.drain_spread,
         )
 
@@ -136,7 +138,7 @@ class PulseServer:
 
         server = grpc.aio.server(options=config.grpc_options())
         ppb_grpc.add_ProfilingServiceServicer_to_server(ProfilingServicer(self.store), server)
-        apb_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.hub, self.store), server)
+        apb_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.hub), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -1,8 +1,9 @@
-"""Dispatch: a wake-up (NOTIFY, sweep, ack, connect) schedules a claim for one session; a few
-workers run the claims against the store and push what was claimed onto the session's stream.
+"""Dispatch: a wake-up (NOTIFY, sweep, ack, connect) schedules a claim for one session; workers
+claim for every session queued since their last round in one transaction (`Store.claim_batch`)
+and push what was claimed onto each session's stream.
 
-The number of workers bounds the database connections dispatch can use, and a session is never
-queued twice, so a storm of wake-ups costs at most one claim per session.
+A session is never queued twice, so a storm of wake-ups costs at most one claim per session, and
+a fan-out to thousands of agents costs a few set-based statements per few hundred agents.
 """
 
 from __future__ import annotations
@@ -11,20 +12,24 @@ import asyncio
 import logging
 
 from db.store import Store
-from server.domain import Unavailable
+from server.domain import ClaimFor, Unavailable
 from server.sessions import AgentSession, StopRequest
 
 log = logging.getLogger(__name__)
 
 
 class Dispatcher:
-    def __init__(self, store: Store, *, workers: int = 4, batch: int = 1) -> None:
+    def __init__(
+        self, store: Store, *, workers: int = 2, max_batch: int = 500, per_agent: int = 1
+    ) -> None:
         self._store = store
         self._workers = workers
-        self._batch = batch
+        self._max_batch = max_batch
+        self._per_agent = per_agent
         self._queue: asyncio.Queue[AgentSession] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
-        self.claims = 0
+        self.claims = 0  # claim transactions
+        self.claimed_sessions = 0
         self.pushed = 0
 
     def start(self) -> None:
@@ -45,34 +50,48 @@ class Dispatcher:
         session.dispatch_queued = True
         self._queue.put_nowait(session)
 
+    def _next_batch(self, first: AgentSession) -> list[AgentSession]:
+        batch = [first]
+        while len(batch) < self._max_batch and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        for session in batch:
+            session.dispatch_queued = False
+        return [s for s in batch if not s.closed]
+
     async def _work(self) -> None:
         while True:
-            session = await self._queue.get()
-            session.dispatch_queued = False
-            if session.closed:
+            batch = self._next_batch(await self._queue.get())
+            if not batch:
                 continue
             try:
-                await self.dispatch(session)
+                await self.dispatch(batch)
             except Unavailable as exc:
                 # The periodic sweep (run again once the database is back) retries.
-                log.warning("dispatch for agent %s failed: %s", session.agent_id, exc)
+                log.warning("dispatch for %d sessions failed: %s", len(batch), exc)
             except Exception:
-                log.exception("dispatch for agent %s failed", session.agent_id)
+                log.exception("dispatch for %d sessions failed", len(batch))
 
-    async def dispatch(self, session: AgentSession) -> None:
-        hello = session.hello
-        commands, stops = await self._store.claim(
-            hello.agent_id, session.session_id, hello.service_name, hello.hostname, self._batch
+    async def dispatch(self, sessions: list[AgentSession]) -> None:
+        by_agent = {s.agent_id: s for s in sessions}
+        claimed = await self._store.claim_batch(
+            [
+                ClaimFor(s.agent_id, s.session_id, s.hello.service_name, s.hello.hostname)
+                for s in by_agent.values()
+            ],
+            self._per_agent,
         )
         self.claims += 1
-        for command_id in stops:
-            session.push(StopRequest(command_id, "cancelled by operator"))
-        for command in commands:
-            log.info(
-                "sending command %s of request %s to agent %s",
-                command.command_id,
-                command.request_id,
-                hello.agent_id,
-            )
-            if session.push(command):
-                self.pushed += 1
+        self.claimed_sessions += len(by_agent)
+        for agent_id, (commands, stops) in claimed.items():
+            session = by_agent[agent_id]
+            for command_id in stops:
+                session.push(StopRequest(command_id, "cancelled by operator"))
+            for command in commands:
+                log.info(
+                    "sending command %s of request %s to agent %s",
+                    command.command_id,
+                    command.request_id,
+                    agent_id,
+                )
+                if session.push(command):
+                    self.pushed += 1

@@ -176,6 +176,24 @@ class Completion:
 
 
 @dataclass(frozen=True)
+class ClaimFor:
+    """A live session asking for its agent's next commands."""
+
+    agent_id: str
+    session_id: uuid.UUID
+    service_name: str
+    hostname: str
+
+
+@dataclass(frozen=True)
+class Ack:
+    agent_id: str
+    command_id: uuid.UUID
+    accepted: bool
+    reason: str
+
+
+@dataclass(frozen=True)
 class AckOutcome:
     """What the store did with an ack; `stop` asks the session to stop a cancelled command."""
 

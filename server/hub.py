@@ -1,7 +1,8 @@
 """The agent-facing core: sessions, wake-ups, acks, liveness and sweeps (plain Python, no grpc).
 
-The servicer calls `open_session`, `heartbeat`, `ack` and `close_session`; the LISTEN connection
-calls `on_notify`; a periodic task calls `sweep`.
+The servicers call `open_session`, `heartbeat`, `ack`, `complete` and `close_session`; the LISTEN
+connection calls `on_notify`; a periodic task calls `sweep`. Acks and completions go through
+batchers, so a burst of them (a fan-out) costs a few statements rather than one each.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ import contextlib
 import logging
 import random
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from db.store import Store
+from server.batching import Batcher
 from server.dispatcher import Dispatcher
-from server.domain import Hello, Unavailable, new_id
-from server.lifecycle import TERMINAL
+from server.domain import Ack, AckOutcome, Completion, Hello, PulseError, Unavailable, new_id
+from server.lifecycle import TERMINAL, CommandState
 from server.liveness import HeartbeatBatcher
 from server.sessions import AgentSession, CloseReason, DrainRequest, SessionRegistry, StopRequest
 
@@ -32,13 +35,16 @@ class HubSettings:
     ack_timeout: timedelta = timedelta(seconds=30)
     sweep_interval: timedelta = timedelta(seconds=5)
     heartbeat_flush_interval: timedelta = timedelta(seconds=2)
-    dispatch_workers: int = 4
+    dispatch_workers: int = 2
     drain_spread: timedelta = timedelta(seconds=5)
+    # Heartbeats per second this server is willing to receive: with more agents than
+    # rate x interval, new sessions get a longer interval (rate-scaled, like Nomad's TTLs).
+    max_heartbeat_rate: float = 1000.0
 
-    @property
-    def silence_limit(self) -> timedelta:
-        """A stream with no message for this long is closed (the agent is offline)."""
-        return self.heartbeat_interval * self.liveness_intervals
+    def interval_for(self, sessions: int) -> timedelta:
+        """The heartbeat interval for a new session when `sessions` are already connected."""
+        scaled = timedelta(seconds=(sessions + 1) / self.max_heartbeat_rate)
+        return max(self.heartbeat_interval, scaled)
 
 
 class Hub:
@@ -48,6 +54,10 @@ class Hub:
         self.sessions = SessionRegistry()
         self.dispatcher = Dispatcher(store, workers=settings.dispatch_workers)
         self.heartbeats = HeartbeatBatcher(store, settings.heartbeat_flush_interval.total_seconds())
+        self.acks: Batcher[Ack, AckOutcome] = Batcher("acks", store.record_acks)
+        self.completions: Batcher[tuple[Completion, bool], CommandState] = Batcher(
+            "completions", self._record_completions
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._wakeups: set[asyncio.Task[None]] = set()
         self.sweeps = 0
@@ -57,6 +67,8 @@ class Hub:
 
     def start(self) -> None:
         self.dispatcher.start()
+        self.acks.start()
+        self.completions.start()
         self._tasks = [
             asyncio.create_task(self.heartbeats.run(), name="heartbeat-flush"),
             asyncio.create_task(self._sweep_forever(), name="sweep"),
@@ -67,6 +79,8 @@ class Hub:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.dispatcher.stop()
+        await self.acks.stop()
+        await self.completions.stop()
         with contextlib.suppress(Unavailable):
             await self.heartbeats.flush()
 
@@ -86,9 +100,10 @@ class Hub:
     async def open_session(self, hello: Hello) -> AgentSession:
         if self.draining:
             raise Unavailable("server is shutting down; connect to another server")
-        session = AgentSession(hello, new_id())
+        interval = self.settings.interval_for(len(self.sessions))
+        session = AgentSession(hello, new_id(), interval)
         stops = await self.store.open_session(
-            hello, session.session_id, self.settings.server_id, self.settings.heartbeat_interval
+            hello, session.session_id, self.settings.server_id, interval
         )
         session.last_seen = self.heartbeats.touch(hello.agent_id, session.session_id)
         previous = self.sessions.add(session)
@@ -113,7 +128,7 @@ class Hub:
         self, session: AgentSession, command_id: uuid.UUID, accepted: bool, reason: str
     ) -> None:
         session.last_seen = self.heartbeats.touch(session.agent_id, session.session_id)
-        outcome = await self.store.record_ack(session.agent_id, command_id, accepted, reason)
+        outcome = await self.acks.submit(Ack(session.agent_id, command_id, accepted, reason))
         log.info(
             "agent %s %s command %s -> %s",
             session.agent_id,
@@ -125,6 +140,22 @@ class Hub:
             session.push(StopRequest(command_id, "cancelled before it started"))
         if outcome.state in TERMINAL:
             self.dispatcher.wake(session)  # the agent is free for its next command
+
+    async def complete(self, completion: Completion) -> CommandState:
+        """Record an agent's outcome; the agent, now free, is woken for its next command (directly
+        when its stream is held here, else through a NOTIFY to whichever server holds it)."""
+        local = self.sessions.by_agent(completion.agent_id)
+        state = await self.completions.submit((completion, local is None))
+        if local is not None and state in TERMINAL:
+            self.dispatcher.wake(local)
+        return state
+
+    async def _record_completions(
+        self, items: list[tuple[Completion, bool]]
+    ) -> Sequence[CommandState | PulseError]:
+        return await self.store.record_completions(
+            [c for c, _ in items], notify=[notify for _, notify in items]
+        )
 
     async def close_session(self, session: AgentSession) -> None:
         self.sessions.remove(session)
@@ -144,9 +175,10 @@ class Hub:
         """Handle one NOTIFY payload (see db.store for the format)."""
         kind, _, rest = payload.partition(":")
         if kind == "a":
-            session = self.sessions.by_agent(rest)
-            if session is not None:
-                self.dispatcher.wake(session)
+            for agent_id in rest.split(","):
+                session = self.sessions.by_agent(agent_id)
+                if session is not None:
+                    self.dispatcher.wake(session)
         elif kind == "r":
             try:
                 request_id = uuid.UUID(rest)
@@ -196,9 +228,11 @@ class Hub:
         self.sweeps += 1
 
     def _close_silent(self) -> None:
-        limit = self.settings.silence_limit
+        """Close streams silent for longer than the liveness threshold (their agents are offline;
+        their unacknowledged commands go back to pending when the session closes)."""
         now = datetime.now(UTC)
         for session in self.sessions.all():
+            limit = session.interval * self.settings.liveness_intervals
             if session.last_seen is not None and now - session.last_seen > limit:
                 session.close(CloseReason.SILENT)
 

@@ -83,6 +83,13 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="rotate client connections after this many seconds (default: never)",
     )
+    p.add_argument(
+        "--max-heartbeat-rate",
+        type=float,
+        default=1000.0,
+        help="heartbeats/s this server accepts; with more agents than rate x interval, "
+        "new sessions get a longer interval (default 1000)",
+    )
     p.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--db-pool-size", type=int, default=10)
     p.add_argument("--log-level", default="INFO")
@@ -106,6 +113,7 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         shutdown_grace=args.shutdown_grace,
         max_connection_age=args.max_connection_age,
         max_message_bytes=args.max_message_bytes,
+        max_heartbeat_rate=args.max_heartbeat_rate,
         db_pool_size=args.db_pool_size,
     )
     if args.server_id:

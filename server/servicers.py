@@ -151,9 +151,8 @@ class ProfilingServicer(ppb_grpc.ProfilingServiceServicer):
 
 
 class AgentServicer(apb_grpc.AgentServiceServicer):
-    def __init__(self, hub: Hub, store: Store, hello_timeout: float = 30.0) -> None:
+    def __init__(self, hub: Hub, hello_timeout: float = 30.0) -> None:
         self._hub = hub
-        self._store = store
         self._hello_timeout = hello_timeout
 
     async def Heartbeat(
@@ -173,12 +172,11 @@ class AgentServicer(apb_grpc.AgentServiceServicer):
             session = await self._hub.open_session(convert.hello_from_proto(first.hello))
         except PulseError as error:
             await context.abort(status_of(error), str(error))
-        settings = self._hub.settings
         yield apb.HeartbeatResponse(
             settings=apb.SessionSettings(
-                heartbeat_interval=convert.duration(settings.heartbeat_interval),
+                heartbeat_interval=convert.duration(session.interval),
                 session_id=str(session.session_id),
-                server_id=settings.server_id,
+                server_id=self._hub.settings.server_id,
             )
         )
         reader = asyncio.create_task(self._read(request_iterator, session))
@@ -238,7 +236,7 @@ class AgentServicer(apb_grpc.AgentServiceServicer):
         self, request: apb.ReportCommandCompletionRequest, context: grpc.aio.ServicerContext
     ) -> apb.ReportCommandCompletionResponse:
         completion = convert.completion_from_proto(request)
-        state = await self._store.record_completion(completion)
+        state = await self._hub.complete(completion)
         log.info(
             "agent %s reported command %s %s -> %s",
             completion.agent_id,

@@ -37,9 +37,16 @@ class CloseReason:
 
 
 class AgentSession:
-    def __init__(self, hello: Hello, session_id: uuid.UUID, outbound_limit: int = 64) -> None:
+    def __init__(
+        self,
+        hello: Hello,
+        session_id: uuid.UUID,
+        interval: timedelta = timedelta(seconds=10),
+        outbound_limit: int = 64,
+    ) -> None:
         self.hello = hello
         self.session_id = session_id
+        self.interval = interval  # the heartbeat interval this session was given
         self.last_seen: datetime | None = None
         self.close_reason: str | None = None
         self._outbound: asyncio.Queue[Outbound | None] = asyncio.Queue(outbound_limit)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,8 +15,11 @@ from db import migrate
 from db.engine import create_engine
 from db.store import Store
 from server.domain import (
+    Ack,
+    ClaimFor,
     Completion,
     Hello,
+    NotFound,
     Outcome,
     PermissionDenied,
     ProfilingMode,
@@ -143,3 +147,46 @@ async def test_sweeps_are_bounded_and_guarded(store: Store) -> None:
     assert await store.expire_due(limit=2) == 1
     assert await store.expire_due() == 0
     assert await store.time_out_due() == 0
+
+
+async def test_batched_claim_serves_each_owning_idle_agent_once(store: Store) -> None:
+    sessions = {f"a{i}": uuid.uuid4() for i in range(4)}
+    for agent, session in sessions.items():
+        await store.open_session(_hello(agent, f"h-{agent}"), session, "srv", timedelta(seconds=10))
+    for _ in range(2):
+        await store.submit(SubmitRequest("svc", (), SPEC, 0, 60, None))  # every online agent
+    # a3 is busy with a command claimed earlier; a2 asks with a stale session.
+    (busy,), _ = await store.claim("a3", sessions["a3"], "svc", "h-a3")
+    batch = [
+        ClaimFor(agent, uuid.uuid4() if agent == "a2" else session, "svc", f"h-{agent}")
+        for agent, session in sessions.items()
+    ]
+    claimed = await store.claim_batch(batch)
+    assert sorted(claimed) == ["a0", "a1"]
+    assert all(len(commands) == 1 and not stops for commands, stops in claimed.values())
+    handed_out = {command.command_id for commands, _ in claimed.values() for command in commands}
+    assert busy.command_id not in handed_out and len(handed_out) == 2
+
+
+async def test_batched_acks_and_completions_report_per_item(store: Store) -> None:
+    session = uuid.uuid4()
+    await store.open_session(_hello("a1"), session, "srv", timedelta(seconds=10))
+    await store.submit(_request(("h1",)))
+    (command,), _ = await store.claim("a1", session, "svc", "h1")
+    unknown = uuid.uuid4()
+    outcomes = await store.record_acks(
+        [
+            Ack("a1", command.command_id, True, ""),
+            Ack("a1", command.command_id, True, ""),  # duplicate in the same batch
+            Ack("a2", command.command_id, True, ""),
+            Ack("a1", unknown, True, ""),
+        ]
+    )
+    assert [getattr(o, "state", None) for o in outcomes[:2]] == ["running", "running"]
+    assert isinstance(outcomes[2], PermissionDenied)
+    assert isinstance(outcomes[3], NotFound)
+
+    done = Completion("a1", command.command_id, Outcome.SUCCEEDED, None, None, "", "/p", 1, 2)
+    results = await store.record_completions([done, done, replace(done, agent_id="a2")])
+    assert results[:2] == ["succeeded", "succeeded"]
+    assert isinstance(results[2], PermissionDenied)

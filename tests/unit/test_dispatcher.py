@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from server.dispatcher import Dispatcher
-from server.domain import CommandToSend, Hello, ProfilingMode, ProfilingSpec, Unavailable
+from server.domain import ClaimFor, CommandToSend, Hello, ProfilingMode, ProfilingSpec, Unavailable
 from server.sessions import AgentSession, CloseReason, StopRequest
 
 
@@ -38,17 +38,22 @@ def make_command() -> CommandToSend:
 class FakeStore:
     def __init__(self) -> None:
         self.calls: list[tuple[str, uuid.UUID, str, str, int]] = []
+        self.batches: list[int] = []
         self.results: dict[str, tuple[list[CommandToSend], list[uuid.UUID]]] = {}
         self.fail_with: Exception | None = None
 
-    async def claim(
-        self, agent_id: str, session_id: uuid.UUID, service_name: str, hostname: str, limit: int
-    ) -> tuple[list[CommandToSend], list[uuid.UUID]]:
-        self.calls.append((agent_id, session_id, service_name, hostname, limit))
+    async def claim_batch(
+        self, sessions: list[ClaimFor], limit: int
+    ) -> dict[str, tuple[list[CommandToSend], list[uuid.UUID]]]:
+        self.batches.append(len(sessions))
+        for s in sessions:
+            self.calls.append((s.agent_id, s.session_id, s.service_name, s.hostname, limit))
         if self.fail_with is not None:
             error, self.fail_with = self.fail_with, None
             raise error
-        return self.results.pop(agent_id, ([], []))
+        return {
+            s.agent_id: self.results.pop(s.agent_id) for s in sessions if s.agent_id in self.results
+        }
 
 
 @pytest.fixture
@@ -88,7 +93,7 @@ async def settle() -> None:
 async def test_many_wakes_before_workers_run_cause_one_claim(
     store: FakeStore, make_dispatcher: Callable[..., Dispatcher]
 ) -> None:
-    dispatcher = make_dispatcher(workers=4, batch=3)
+    dispatcher = make_dispatcher(workers=4, per_agent=3)
     session = make_session()
     for _ in range(100):
         dispatcher.wake(session)
@@ -114,7 +119,7 @@ async def test_wake_after_a_claim_claims_again(
     assert len(store.calls) == 2
 
 
-async def test_each_session_claims_once(
+async def test_sessions_queued_together_are_claimed_in_one_batch_each_once(
     store: FakeStore, make_dispatcher: Callable[..., Dispatcher]
 ) -> None:
     dispatcher = make_dispatcher(workers=2)
@@ -123,9 +128,21 @@ async def test_each_session_claims_once(
         for session in sessions:
             dispatcher.wake(session)
     dispatcher.start()
-    await until(lambda: dispatcher.claims == 5)
+    await until(lambda: dispatcher.claimed_sessions == 5)
     await settle()
+    assert store.batches == [5]
     assert sorted(call[0] for call in store.calls) == [f"agent-{i}" for i in range(5)]
+
+
+async def test_batches_never_exceed_their_limit(
+    store: FakeStore, make_dispatcher: Callable[..., Dispatcher]
+) -> None:
+    dispatcher = make_dispatcher(workers=1, max_batch=3)
+    for i in range(7):
+        dispatcher.wake(make_session(f"agent-{i}"))
+    dispatcher.start()
+    await until(lambda: dispatcher.claimed_sessions == 7)
+    assert store.batches == [3, 3, 1]
 
 
 async def test_claimed_commands_and_stops_are_pushed(
