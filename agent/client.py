@@ -24,7 +24,7 @@ from tenacity import (
 
 from agent.executor import CANCELLED, FAILED, SUCCEEDED, Executor
 from agent.profilers.base import MODE_ALLOCATION, MODE_CPU, MODE_NONE, Job
-from agent.state import AgentState
+from agent.state import RunRecord
 from pulse.v1 import agent_service_pb2 as apb
 from pulse.v1 import agent_service_pb2_grpc as apb_grpc
 from pulse.v1 import common_pb2 as cpb
@@ -134,7 +134,7 @@ class CompletionReporter:
     def __init__(
         self,
         stub: apb_grpc.AgentServiceStub,
-        state: AgentState,
+        state: RunRecord,
         agent_id: str,
         config: AgentConfig,
     ) -> None:
@@ -203,7 +203,7 @@ class AgentClient:
         self,
         config: AgentConfig,
         executor_factory: Callable[[Callable[[dict[str, Any]], None]], Executor],
-        state: AgentState,
+        state: RunRecord,
         supported_modes: frozenset[str],
         channel: grpc.aio.Channel | None = None,
     ) -> None:

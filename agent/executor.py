@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.profilers.base import Job, Profiler, ProfilerError
-from agent.state import AgentState
+from agent.state import RunRecord
 
 log = logging.getLogger("pulse.agent")
 
@@ -40,7 +40,7 @@ class Executor:
     def __init__(
         self,
         profiler: Profiler,
-        state: AgentState,
+        state: RunRecord,
         output_dir: Path,
         report: Callable[[dict[str, Any]], None],
     ) -> None:

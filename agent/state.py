@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 # A command can be delivered for at most its TTL (<= 1 day) after it was created, so records of
 # reported commands older than this can never be needed again to refuse a second run.
@@ -26,7 +27,22 @@ class PendingReport:
     completion: dict[str, object]
 
 
+class RunRecord(Protocol):
+    """What the agent remembers: its id and the commands it has started and finished."""
+
+    def agent_id(self) -> str: ...
+    def has_run(self, command_id: str) -> bool: ...
+    def mark_started(self, command_id: str) -> bool: ...
+    def mark_finished(self, command_id: str, completion: dict[str, object]) -> None: ...
+    def mark_reported(self, command_id: str) -> None: ...
+    def unreported(self) -> list[PendingReport]: ...
+    def recently_finished(self, limit: int = 32) -> list[str]: ...
+    def close(self) -> None: ...
+
+
 class AgentState:
+    """The durable record, in SQLite under the agent's state directory."""
+
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
@@ -121,3 +137,43 @@ class AgentState:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class MemoryAgentState:
+    """The same record kept in memory: for the fleet emulator, where thousands of agents share
+    one process and none of them outlives it. Not for real agents (nothing survives a restart)."""
+
+    def __init__(self, agent_id: str) -> None:
+        self._agent_id = agent_id
+        self._started: dict[str, float] = {}
+        self._finished: dict[str, dict[str, object]] = {}
+        self._reported: set[str] = set()
+
+    def agent_id(self) -> str:
+        return self._agent_id
+
+    def has_run(self, command_id: str) -> bool:
+        return command_id in self._started
+
+    def mark_started(self, command_id: str) -> bool:
+        if command_id in self._started:
+            return False
+        self._started[command_id] = time.time()
+        return True
+
+    def mark_finished(self, command_id: str, completion: dict[str, object]) -> None:
+        self._finished[command_id] = completion
+
+    def mark_reported(self, command_id: str) -> None:
+        self._reported.add(command_id)
+        self._finished.pop(command_id, None)
+
+    def unreported(self) -> list[PendingReport]:
+        return [PendingReport(c, done) for c, done in self._finished.items()]
+
+    def recently_finished(self, limit: int = 32) -> list[str]:
+        done = [c for c in self._started if c in self._reported or c in self._finished]
+        return done[-limit:]
+
+    def close(self) -> None:
+        pass

@@ -5,6 +5,8 @@ servers racing (or one message arriving twice) cannot skip a rule. Wake-ups are 
 channel `pulse_events`, sent from the same transaction as the change they announce:
 
 - `r:<request_id>`: targets of this request need dispatch (new, or a stop to deliver);
+- `t:<service>|<agent_id>,...|<hostname>,...`: the same for a small new request, naming its
+  targets so that listeners need no query to find them;
 - `a:<agent_id>`: this agent may be free for its next command;
 - `v:<service_name>`: stops to deliver to agents of this service;
 - `s:<agent_id>:<session_id>`: this session now owns the agent; older sessions must close.
@@ -23,7 +25,7 @@ from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -194,6 +196,11 @@ class Store:
         self.engine = engine
         self.liveness_intervals = liveness_intervals
         self.completion_grace = completion_grace
+        self.statements = 0  # SQL statements sent, for the benchmark and stats
+        event.listen(engine.sync_engine, "before_cursor_execute", self._count_statement)
+
+    def _count_statement(self, *_: object) -> None:
+        self.statements += 1
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -284,7 +291,7 @@ class Store:
                 },
             )
             created = tuple(_target(row) for row in rows)
-            await self._notify(conn, f"r:{request_id}")
+            await self._notify(conn, _targets_payload(request_id, request.service_name, created))
         return SubmitResult(request_id=request_id, targets=created, deduplicated=False)
 
     async def _find_by_key(
@@ -1004,6 +1011,16 @@ def _owned_state(
     if owner != agent_id:
         return PermissionDenied(f"command {command_id} does not belong to agent {agent_id}")
     return state
+
+
+def _targets_payload(
+    request_id: uuid.UUID, service_name: str, targets: Sequence[Target], limit: int = 7900
+) -> str:
+    """`t:` naming the targets when they fit in one NOTIFY payload, else `r:<request_id>`."""
+    agents = ",".join(t.agent_id for t in targets if t.agent_id)
+    hosts = ",".join(t.hostname for t in targets if not t.agent_id)
+    payload = f"t:{service_name}|{agents}|{hosts}"
+    return payload if len(payload.encode()) <= limit else f"r:{request_id}"
 
 
 def _agent_payloads(agent_ids: Sequence[str], limit: int = 7900) -> list[str]:

@@ -4,9 +4,11 @@ reflection, keepalive and graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -61,6 +63,8 @@ class ServerConfig:
     dispatch_workers: int = 2
     max_heartbeat_rate: float = 1000.0
     migrate: bool = True
+    # When set, a JSON snapshot of the server's counters is written here every second.
+    stats_file: Path | None = None
 
     def hub_settings(self) -> HubSettings:
         return HubSettings(
@@ -116,6 +120,7 @@ class PulseServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._listener_task: asyncio.Task[None] | None = None
+        self._stats_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
@@ -149,10 +154,38 @@ class PulseServer:
         await server.start()
         self._server = server
         await self._set_serving(True)
+        if config.stats_file is not None:
+            self._stats_task = asyncio.create_task(self._write_stats(config.stats_file))
         log.info(
             "pulse server %s listening on %s (port %d)", config.server_id, config.listen, self.port
         )
         return self.port
+
+    def stats(self) -> dict[str, float]:
+        """Counters of this process since start."""
+        hub = self.hub
+        return {
+            "time": time.time(),
+            "sessions": len(hub.sessions),
+            "heartbeats": hub.heartbeats.heartbeats,
+            "heartbeat_flushes": hub.heartbeats.flushes,
+            "statements": self.store.statements,
+            "claim_batches": hub.dispatcher.claims,
+            "claimed_sessions": hub.dispatcher.claimed_sessions,
+            "commands_pushed": hub.dispatcher.pushed,
+            "ack_batches": hub.acks.batches,
+            "acks": hub.acks.items,
+            "completion_batches": hub.completions.batches,
+            "completions": hub.completions.items,
+            "sweeps": hub.sweeps,
+        }
+
+    async def _write_stats(self, path: Path) -> None:
+        while True:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.stats()))
+            tmp.replace(path)
+            await asyncio.sleep(1.0)
 
     async def _after_listen(self) -> None:
         """Notifications may have been missed while the LISTEN connection was down: catch up."""
@@ -177,9 +210,10 @@ class PulseServer:
         await asyncio.sleep(0.2)  # let the drain messages reach the streams
         self.hub.close_all(CloseReason.SHUTDOWN)
         await server.stop(self.config.shutdown_grace.total_seconds())
-        if self._listener_task is not None:
-            self._listener_task.cancel()
-            await asyncio.gather(self._listener_task, return_exceptions=True)
+        for task in (self._listener_task, self._stats_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.hub.stop()
         await self.engine.dispose()
         self._stopped.set()

@@ -187,6 +187,14 @@ class Hub:
             task = asyncio.create_task(self._wake_request(request_id))
             self._wakeups.add(task)
             task.add_done_callback(self._wakeups.discard)
+        elif kind == "t":
+            service, agents, hosts = rest.split("|")
+            targets = self.sessions.matching(
+                set(filter(None, agents.split(","))),
+                {(service, host) for host in hosts.split(",") if host},
+            )
+            for session in targets:
+                self.dispatcher.wake(session)
         elif kind == "v":
             for session in self.sessions.by_service(rest):
                 self.dispatcher.wake(session)

@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import os
+import resource
 import signal
 import sys
 from datetime import timedelta
@@ -92,6 +93,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--db-pool-size", type=int, default=10)
+    p.add_argument(
+        "--stats-file",
+        type=Path,
+        help="write a JSON snapshot of the server's counters here every second",
+    )
     p.add_argument("--log-level", default="INFO")
     sub = p.add_subparsers(dest="command")
     db = sub.add_parser("db", help="database maintenance")
@@ -114,6 +120,7 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         max_connection_age=args.max_connection_age,
         max_message_bytes=args.max_message_bytes,
         max_heartbeat_rate=args.max_heartbeat_rate,
+        stats_file=args.stats_file,
         db_pool_size=args.db_pool_size,
     )
     if args.server_id:
@@ -131,7 +138,16 @@ async def upgrade(config: ServerConfig) -> None:
         await engine.dispose()
 
 
+def raise_file_limit() -> int:
+    """Each agent stream holds a socket: allow as many as the hard limit permits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 async def serve(config: ServerConfig) -> None:
+    log.info("open file limit: %d", raise_file_limit())
     server = PulseServer(config)
     await server.start()
     gc.freeze()  # start-up objects leave the collector's generations: shorter full collections

@@ -46,12 +46,12 @@ async def test_request_runs_on_connected_agent_and_succeeds(harness: Harness) ->
 
 async def test_commands_for_one_agent_run_one_at_a_time_in_order(harness: Harness) -> None:
     server = await harness.server()
-    await harness.agent(server, profiler=CountingProfiler(time_scale=0.2))
+    await harness.agent(server, profiler=CountingProfiler(time_scale=1.0))
     ops = harness.operator(server)
 
     ids = [
-        (await ops.SubmitProfileRequest(submit_request(duration_seconds=1))).request_id
-        for _ in range(3)
+        (await ops.SubmitProfileRequest(submit_request(duration_seconds=d))).request_id
+        for d in (3, 1, 1)
     ]
 
     first = await eventually(
