@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LISTEN ?= 127.0.0.1:50051
 
-.PHONY: run test lint format generate check-generated unit integration e2e clean
+.PHONY: run test lint format generate check-generated unit integration e2e bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ e2e: $(STAMP)
 
 test: $(STAMP) check-generated lint
 	$(BIN)/pytest
+
+# BENCH_ARGS="--agents 2000" make bench; PULSE_DATABASE_URL selects the PostgreSQL server.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pulse .pulse-test .pytest_cache .mypy_cache .ruff_cache

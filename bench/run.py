@@ -82,7 +82,10 @@ class Results:
 
     def add(self, scenario: str, name: str, value: Any, unit: str = "") -> None:
         self.figures[name] = value
-        shown = f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
+        if isinstance(value, float):
+            shown = f"{value:,.1f}" if abs(value) >= 1 or value == 0 else f"{value:.4f}"
+        else:
+            shown = f"{value:,}"
         self.rows.append((scenario, name, f"{shown} {unit}".strip()))
 
     def table(self) -> str:
@@ -304,6 +307,11 @@ class Bench:
                 await self.sustained(stub)
             if self.args.soak_minutes:
                 await self.soak(server, fleet)
+            stats = server.stats()
+            self.results.add("all", "server_gc_full_collections", int(stats["gc_full_collections"]))
+            self.results.add(
+                "all", "server_gc_max_full_pause_ms", stats["gc_max_full_pause_ms"], "ms"
+            )
             self.results.figures["executions"] = fleet.executions()
         finally:
             await fleet.stop()

@@ -7,9 +7,9 @@ channel `pulse_events`, sent from the same transaction as the change they announ
 - `r:<request_id>`: targets of this request need dispatch (new, or a stop to deliver);
 - `t:<service>|<agent_id>,...|<hostname>,...`: the same for a small new request, naming its
   targets so that listeners need no query to find them;
-- `a:<agent_id>`: this agent may be free for its next command;
+- `a:<agent_id>,...`: these agents may be free for their next command;
 - `v:<service_name>`: stops to deliver to agents of this service;
-- `s:<agent_id>:<session_id>`: this session now owns the agent; older sessions must close.
+- `s:<agent_id>:<session_id>,...`: these sessions now own their agents; older ones must close.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from server.domain import (
     ProfilingSpec,
     PulseError,
     RequestView,
+    SessionOpen,
     StopResult,
     SubmitRequest,
     SubmitResult,
@@ -507,81 +508,118 @@ class Store:
 
     # --- agent sessions -------------------------------------------------------------------------
 
-    @database_errors
     async def open_session(
         self, hello: Hello, session_id: uuid.UUID, server_id: str, interval: timedelta
     ) -> list[uuid.UUID]:
-        """Make this session the agent's one live session.
+        """`open_sessions` for one session."""
+        (stops,) = await self.open_sessions([SessionOpen(hello, session_id, interval)], server_id)
+        return stops
+
+    @database_errors
+    async def open_sessions(
+        self, opens: Sequence[SessionOpen], server_id: str
+    ) -> list[list[uuid.UUID]]:
+        """Make each session its agent's one live session, for many sessions in one transaction.
 
         Commands sent on earlier sessions and never acknowledged go back to pending (they will be
-        re-sent with the same id); stops not yet confirmed will be sent again. Returns the commands
-        the agent says it runs that were cancelled meanwhile (the caller stops them). Servers
-        holding an older session of the agent are told (one NOTIFY) only when there was one.
+        re-sent with the same id); stops not yet confirmed will be sent again. Returns, per
+        session, the commands its agent says it runs that were cancelled meanwhile (the caller
+        stops them). Servers holding an older session of an agent are told with one NOTIFY.
         """
+        results: list[list[uuid.UUID]] = [[] for _ in opens]
         async with self.engine.begin() as conn:
-            previous = await conn.scalar(
-                text("SELECT session_id FROM agents WHERE agent_id = :agent FOR UPDATE"),
-                {"agent": hello.agent_id},
-            )
-            await conn.execute(
-                text(
-                    """
-                    INSERT INTO agents (agent_id, service_name, hostname, ip_address, labels,
-                        agent_version, supported_modes, session_id, server_id,
-                        heartbeat_interval_ms, connected_at, last_seen_at)
-                    VALUES (:agent, :service, :hostname, :ip, CAST(:labels AS jsonb), :version,
-                        :modes, :session, :server, :interval_ms, now(), now())
-                    ON CONFLICT (agent_id) DO UPDATE SET
-                        service_name = EXCLUDED.service_name, hostname = EXCLUDED.hostname,
-                        ip_address = EXCLUDED.ip_address, labels = EXCLUDED.labels,
-                        agent_version = EXCLUDED.agent_version,
-                        supported_modes = EXCLUDED.supported_modes,
-                        session_id = EXCLUDED.session_id, server_id = EXCLUDED.server_id,
-                        heartbeat_interval_ms = EXCLUDED.heartbeat_interval_ms,
-                        connected_at = now(), last_seen_at = now(), disconnected_at = NULL
-                    """
-                ),
-                {
-                    "agent": hello.agent_id,
-                    "service": hello.service_name,
-                    "hostname": hello.hostname,
-                    "ip": hello.ip_address,
-                    "labels": json.dumps(hello.labels),
-                    "version": hello.agent_version,
-                    "modes": [m.value for m in hello.supported_modes],
-                    "session": session_id,
-                    "server": server_id,
-                    "interval_ms": int(interval.total_seconds() * 1000),
-                },
-            )
-            # One statement: unacknowledged sends go back to pending, unconfirmed stops are re-sent.
-            await conn.execute(
-                text(
-                    """
-                    UPDATE commands SET
-                        state = CASE WHEN state = ANY(:lost) THEN 'pending' ELSE state END,
-                        session_id = CASE WHEN state = ANY(:lost) THEN NULL ELSE session_id END,
-                        stop_sent_at = CASE WHEN state = 'running' THEN NULL ELSE stop_sent_at END
-                    WHERE agent_id = :agent
-                      AND (state = ANY(:lost) OR (state = 'running' AND stop_requested))
-                    """
-                ),
-                {"agent": hello.agent_id, "lost": _states(lifecycle.sources(Event.STREAM_LOST))},
-            )
-            stops: list[uuid.UUID] = []
-            running = [i for i in map(_uuid_or_none, hello.running_command_ids) if i]
+            for round_ in _rounds_of_distinct_agents(opens):
+                await self._open_round(conn, [opens[i] for i in round_], server_id)
+            running = {
+                (o.hello.agent_id, command_id): i
+                for i, o in enumerate(opens)
+                for command_id in map(_uuid_or_none, o.hello.running_command_ids)
+                if command_id
+            }
             if running:
                 cancelled = await conn.execute(
                     text(
-                        "SELECT command_id FROM commands WHERE command_id = ANY(:ids) "
-                        "AND agent_id = :agent AND state = 'cancelled'"
+                        "SELECT agent_id, command_id FROM commands WHERE command_id = ANY(:ids) "
+                        "AND state = 'cancelled'"
                     ),
-                    {"ids": running, "agent": hello.agent_id},
+                    {"ids": [command_id for _, command_id in running]},
                 )
-                stops = [row.command_id for row in cancelled]
-            if previous is not None and previous != session_id:
-                await self._notify(conn, f"s:{hello.agent_id}:{session_id}")
-        return stops
+                for row in cancelled:
+                    index = running.get((row.agent_id, row.command_id))
+                    if index is not None:
+                        results[index].append(row.command_id)
+        return results
+
+    async def _open_round(
+        self, conn: AsyncConnection, opens: Sequence[SessionOpen], server_id: str
+    ) -> None:
+        agents = [o.hello.agent_id for o in opens]
+        previous = await conn.execute(
+            text(
+                "SELECT agent_id, session_id FROM agents WHERE agent_id = ANY(:agents) "
+                "ORDER BY agent_id FOR UPDATE"
+            ),
+            {"agents": agents},
+        )
+        replaced = {row.agent_id for row in previous if row.session_id is not None}
+        await conn.execute(
+            text(
+                """
+                INSERT INTO agents (agent_id, service_name, hostname, ip_address, labels,
+                    agent_version, supported_modes, session_id, server_id,
+                    heartbeat_interval_ms, connected_at, last_seen_at)
+                SELECT v.agent_id, v.service_name, v.hostname, v.ip, CAST(v.labels AS jsonb),
+                    v.version, string_to_array(v.modes, ','), v.session_id, :server,
+                    v.interval_ms, now(), now()
+                FROM unnest(CAST(:agents AS text[]), CAST(:services AS text[]),
+                            CAST(:hostnames AS text[]), CAST(:ips AS text[]),
+                            CAST(:labels AS text[]), CAST(:versions AS text[]),
+                            CAST(:modes AS text[]), CAST(:sessions AS uuid[]),
+                            CAST(:intervals AS integer[]))
+                    AS v(agent_id, service_name, hostname, ip, labels, version, modes,
+                         session_id, interval_ms)
+                ON CONFLICT (agent_id) DO UPDATE SET
+                    service_name = EXCLUDED.service_name, hostname = EXCLUDED.hostname,
+                    ip_address = EXCLUDED.ip_address, labels = EXCLUDED.labels,
+                    agent_version = EXCLUDED.agent_version,
+                    supported_modes = EXCLUDED.supported_modes,
+                    session_id = EXCLUDED.session_id, server_id = EXCLUDED.server_id,
+                    heartbeat_interval_ms = EXCLUDED.heartbeat_interval_ms,
+                    connected_at = now(), last_seen_at = now(), disconnected_at = NULL
+                """
+            ),
+            {
+                "agents": agents,
+                "services": [o.hello.service_name for o in opens],
+                "hostnames": [o.hello.hostname for o in opens],
+                "ips": [o.hello.ip_address for o in opens],
+                "labels": [json.dumps(o.hello.labels) for o in opens],
+                "versions": [o.hello.agent_version for o in opens],
+                "modes": [",".join(m.value for m in o.hello.supported_modes) for o in opens],
+                "sessions": [o.session_id for o in opens],
+                "intervals": [int(o.interval.total_seconds() * 1000) for o in opens],
+                "server": server_id,
+            },
+        )
+        # One statement: unacknowledged sends go back to pending, unconfirmed stops are re-sent.
+        await conn.execute(
+            text(
+                """
+                UPDATE commands SET
+                    state = CASE WHEN state = ANY(:lost) THEN 'pending' ELSE state END,
+                    session_id = CASE WHEN state = ANY(:lost) THEN NULL ELSE session_id END,
+                    stop_sent_at = CASE WHEN state = 'running' THEN NULL ELSE stop_sent_at END
+                WHERE agent_id = ANY(:agents)
+                  AND (state = ANY(:lost) OR (state = 'running' AND stop_requested))
+                """
+            ),
+            {"agents": agents, "lost": _states(lifecycle.sources(Event.STREAM_LOST))},
+        )
+        takeovers = [
+            f"{o.hello.agent_id}:{o.session_id}" for o in opens if o.hello.agent_id in replaced
+        ]
+        for payload in _chunked_payloads("s", takeovers):
+            await self._notify(conn, payload)
 
     @database_errors
     async def close_session(
@@ -849,7 +887,7 @@ class Store:
                 {c.agent_id for c, w in zip(completions, wanted, strict=True)
                  if w and c.command_id in states}
             )  # fmt: skip
-            for payload in _agent_payloads(announce):
+            for payload in _chunked_payloads("a", announce):
                 await self._notify(conn, payload)
             current = await self._owners(
                 conn, [c.command_id for c in completions if c.command_id not in states]
@@ -1023,20 +1061,34 @@ def _targets_payload(
     return payload if len(payload.encode()) <= limit else f"r:{request_id}"
 
 
-def _agent_payloads(agent_ids: Sequence[str], limit: int = 7900) -> list[str]:
-    """NOTIFY payloads `a:<id>,<id>,...`, each under PostgreSQL's 8000-byte limit."""
+def _chunked_payloads(kind: str, items: Sequence[str], limit: int = 7900) -> list[str]:
+    """NOTIFY payloads `<kind>:<item>,<item>,...`, each under PostgreSQL's 8000-byte limit."""
     payloads: list[str] = []
     current: list[str] = []
-    size = 2
-    for agent_id in agent_ids:
-        if current and size + len(agent_id) + 1 > limit:
-            payloads.append("a:" + ",".join(current))
-            current, size = [], 2
-        current.append(agent_id)
-        size += len(agent_id) + 1
+    size = len(kind) + 1
+    for item in items:
+        if current and size + len(item) + 1 > limit:
+            payloads.append(f"{kind}:" + ",".join(current))
+            current, size = [], len(kind) + 1
+        current.append(item)
+        size += len(item) + 1
     if current:
-        payloads.append("a:" + ",".join(current))
+        payloads.append(f"{kind}:" + ",".join(current))
     return payloads
+
+
+def _rounds_of_distinct_agents(opens: Sequence[SessionOpen]) -> list[list[int]]:
+    """Indexes of `opens` split so that no agent appears twice in one round (an upsert may not
+    touch a row twice); later sessions of an agent come in later rounds and win."""
+    rounds: list[list[int]] = []
+    occurrences: dict[str, int] = {}
+    for index, item in enumerate(opens):
+        level = occurrences.get(item.hello.agent_id, 0)
+        occurrences[item.hello.agent_id] = level + 1
+        if level == len(rounds):
+            rounds.append([])
+        rounds[level].append(index)
+    return rounds
 
 
 def _uuid_or_none(value: str) -> uuid.UUID | None:

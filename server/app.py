@@ -25,6 +25,7 @@ from db.store import Store
 from pulse.v1 import agent_service_pb2, profiling_service_pb2
 from pulse.v1 import agent_service_pb2_grpc as apb_grpc
 from pulse.v1 import profiling_service_pb2_grpc as ppb_grpc
+from server.gcstats import GcPauses
 from server.hub import Hub, HubSettings
 from server.servicers import AgentServicer, ProfilingServicer
 from server.sessions import CloseReason
@@ -121,6 +122,7 @@ class PulseServer:
         self._health = health.aio.HealthServicer()
         self._listener_task: asyncio.Task[None] | None = None
         self._stats_task: asyncio.Task[None] | None = None
+        self.gc_pauses = GcPauses()
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
@@ -155,6 +157,7 @@ class PulseServer:
         self._server = server
         await self._set_serving(True)
         if config.stats_file is not None:
+            self.gc_pauses.install()
             self._stats_task = asyncio.create_task(self._write_stats(config.stats_file))
         log.info(
             "pulse server %s listening on %s (port %d)", config.server_id, config.listen, self.port
@@ -178,6 +181,7 @@ class PulseServer:
             "completion_batches": hub.completions.batches,
             "completions": hub.completions.items,
             "sweeps": hub.sweeps,
+            **self.gc_pauses.snapshot(),
         }
 
     async def _write_stats(self, path: Path) -> None:

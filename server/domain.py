@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 from server.lifecycle import CommandState, RequestState
@@ -173,6 +173,15 @@ class Completion:
     result_location: str
     result_samples: int
     result_bytes: int
+
+
+@dataclass(frozen=True)
+class SessionOpen:
+    """A new stream asking to become its agent's live session."""
+
+    hello: Hello
+    session_id: uuid.UUID
+    interval: timedelta
 
 
 @dataclass(frozen=True)

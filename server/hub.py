@@ -19,7 +19,16 @@ from datetime import UTC, datetime, timedelta
 from db.store import Store
 from server.batching import Batcher
 from server.dispatcher import Dispatcher
-from server.domain import Ack, AckOutcome, Completion, Hello, PulseError, Unavailable, new_id
+from server.domain import (
+    Ack,
+    AckOutcome,
+    Completion,
+    Hello,
+    PulseError,
+    SessionOpen,
+    Unavailable,
+    new_id,
+)
 from server.lifecycle import TERMINAL, CommandState
 from server.liveness import HeartbeatBatcher
 from server.sessions import AgentSession, CloseReason, DrainRequest, SessionRegistry, StopRequest
@@ -55,6 +64,9 @@ class Hub:
         self.dispatcher = Dispatcher(store, workers=settings.dispatch_workers)
         self.heartbeats = HeartbeatBatcher(store, settings.heartbeat_flush_interval.total_seconds())
         self.acks: Batcher[Ack, AckOutcome] = Batcher("acks", store.record_acks)
+        self.opens: Batcher[SessionOpen, list[uuid.UUID]] = Batcher(
+            "session-opens", self._open_sessions
+        )
         self.completions: Batcher[tuple[Completion, bool], CommandState] = Batcher(
             "completions", self._record_completions
         )
@@ -68,6 +80,7 @@ class Hub:
     def start(self) -> None:
         self.dispatcher.start()
         self.acks.start()
+        self.opens.start()
         self.completions.start()
         self._tasks = [
             asyncio.create_task(self.heartbeats.run(), name="heartbeat-flush"),
@@ -80,6 +93,7 @@ class Hub:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.dispatcher.stop()
         await self.acks.stop()
+        await self.opens.stop()
         await self.completions.stop()
         with contextlib.suppress(Unavailable):
             await self.heartbeats.flush()
@@ -102,9 +116,7 @@ class Hub:
             raise Unavailable("server is shutting down; connect to another server")
         interval = self.settings.interval_for(len(self.sessions))
         session = AgentSession(hello, new_id(), interval)
-        stops = await self.store.open_session(
-            hello, session.session_id, self.settings.server_id, interval
-        )
+        stops = await self.opens.submit(SessionOpen(hello, session.session_id, interval))
         session.last_seen = self.heartbeats.touch(hello.agent_id, session.session_id)
         previous = self.sessions.add(session)
         if previous is not None:
@@ -149,6 +161,9 @@ class Hub:
         if local is not None and state in TERMINAL:
             self.dispatcher.wake(local)
         return state
+
+    async def _open_sessions(self, opens: list[SessionOpen]) -> list[list[uuid.UUID]]:
+        return await self.store.open_sessions(opens, self.settings.server_id)
 
     async def _record_completions(
         self, items: list[tuple[Completion, bool]]
@@ -199,10 +214,11 @@ class Hub:
             for session in self.sessions.by_service(rest):
                 self.dispatcher.wake(session)
         elif kind == "s":
-            agent_id, _, session_id = rest.rpartition(":")
-            session = self.sessions.by_agent(agent_id)
-            if session is not None and str(session.session_id) != session_id:
-                session.close(CloseReason.SUPERSEDED)
+            for takeover in rest.split(","):
+                agent_id, _, session_id = takeover.rpartition(":")
+                session = self.sessions.by_agent(agent_id)
+                if session is not None and str(session.session_id) != session_id:
+                    session.close(CloseReason.SUPERSEDED)
         elif kind == "*":
             for session in self.sessions.all():
                 self.dispatcher.wake(session)

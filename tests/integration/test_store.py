@@ -24,6 +24,7 @@ from server.domain import (
     PermissionDenied,
     ProfilingMode,
     ProfilingSpec,
+    SessionOpen,
     SubmitRequest,
 )
 from server.lifecycle import CommandState
@@ -190,3 +191,23 @@ async def test_batched_acks_and_completions_report_per_item(store: Store) -> Non
     results = await store.record_completions([done, done, replace(done, agent_id="a2")])
     assert results[:2] == ["succeeded", "succeeded"]
     assert isinstance(results[2], PermissionDenied)
+
+
+async def test_batched_session_opens_handle_repeats_of_one_agent(store: Store) -> None:
+    first, second, other = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    interval = timedelta(seconds=10)
+    await store.submit(_request(("h1",)))
+    results = await store.open_sessions(
+        [
+            SessionOpen(_hello("a1"), first, interval),
+            SessionOpen(_hello("b1", "h2"), other, interval),
+            SessionOpen(_hello("a1"), second, interval),  # the later session wins
+        ],
+        "srv",
+    )
+    assert results == [[], [], []]
+    assert await store.claim("a1", first, "svc", "h1") == ([], [])
+    commands, _ = await store.claim("a1", second, "svc", "h1")
+    assert len(commands) == 1
+    agents = {a.agent_id: a for a in await store.list_agents(service_name="svc", online_only=True)}
+    assert set(agents) == {"a1", "b1"}
