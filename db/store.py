@@ -39,6 +39,7 @@ from server.domain import (
     ClaimFor,
     CommandToSend,
     Completion,
+    CompletionResult,
     FailedPrecondition,
     Hello,
     InvalidArgument,
@@ -49,6 +50,7 @@ from server.domain import (
     ProfilingSpec,
     PulseError,
     RequestView,
+    SessionClose,
     SessionOpen,
     StopResult,
     SubmitRequest,
@@ -621,33 +623,51 @@ class Store:
         for payload in _chunked_payloads("s", takeovers):
             await self._notify(conn, payload)
 
-    @database_errors
     async def close_session(
         self, agent_id: str, session_id: uuid.UUID, last_seen: datetime | None
     ) -> None:
-        """The stream ended: the agent is offline and what it never acknowledged is queued again."""
+        """`close_sessions` for one session."""
+        await self.close_sessions([SessionClose(agent_id, session_id, last_seen)])
+
+    @database_errors
+    async def close_sessions(self, closes: Sequence[SessionClose]) -> list[None]:
+        """Streams ended: their agents are offline (unless a newer session took over) and what
+        they never acknowledged is queued again, for many sessions in one transaction."""
+        params = {
+            "agents": [c.agent_id for c in closes],
+            "sessions": [c.session_id for c in closes],
+            "seen": [c.last_seen for c in closes],
+            "from": _states(lifecycle.sources(Event.STREAM_LOST)),
+        }
         async with self.engine.begin() as conn:
             await conn.execute(
                 text(
-                    "UPDATE agents SET session_id = NULL, server_id = NULL,"
-                    " disconnected_at = now(), last_seen_at = greatest(last_seen_at, :seen) "
-                    "WHERE agent_id = :agent AND session_id = :session"
+                    """
+                    UPDATE agents a SET session_id = NULL, server_id = NULL,
+                        disconnected_at = now(), last_seen_at = greatest(a.last_seen_at, v.seen)
+                    FROM unnest(CAST(:agents AS text[]), CAST(:sessions AS uuid[]),
+                                CAST(:seen AS timestamptz[])) AS v(agent_id, session_id, seen)
+                    WHERE a.agent_id = v.agent_id AND a.session_id = v.session_id
+                    """
                 ),
-                {"agent": agent_id, "session": session_id, "seen": last_seen},
+                params,
             )
             requeued = await conn.execute(
                 text(
-                    "UPDATE commands SET state = 'pending', session_id = NULL "
-                    "WHERE agent_id = :agent AND session_id = :session AND state = ANY(:from)"
+                    """
+                    UPDATE commands m SET state = 'pending', session_id = NULL
+                    FROM unnest(CAST(:agents AS text[]), CAST(:sessions AS uuid[]))
+                        AS v(agent_id, session_id)
+                    WHERE m.agent_id = v.agent_id AND m.session_id = v.session_id
+                      AND m.state = ANY(:from)
+                    RETURNING m.agent_id
+                    """
                 ),
-                {
-                    "agent": agent_id,
-                    "session": session_id,
-                    "from": _states(lifecycle.sources(Event.STREAM_LOST)),
-                },
+                params,
             )
-            if requeued.rowcount:
-                await self._notify(conn, f"a:{agent_id}")
+            for payload in _chunked_payloads("a", sorted({row.agent_id for row in requeued})):
+                await self._notify(conn, payload)
+        return [None] * len(closes)
 
     async def claim(
         self, agent_id: str, session_id: uuid.UUID, service_name: str, hostname: str, limit: int = 1
@@ -836,15 +856,16 @@ class Store:
         (outcome,) = await self.record_completions([completion], notify=notify)
         if isinstance(outcome, PulseError):
             raise outcome
-        return outcome
+        return outcome.state
 
     @database_errors
     async def record_completions(
         self, completions: Sequence[Completion], notify: bool | Sequence[bool] = True
-    ) -> Sequence[CommandState | PulseError]:
-        """Record agents' outcomes, each once; a repeat returns the state recorded first. The
-        agents freed by a recorded completion are announced in one NOTIFY (when `notify` says the
-        agent's stream is not held by the caller, which wakes it directly)."""
+    ) -> Sequence[CompletionResult | PulseError]:
+        """Record agents' outcomes, each once; a repeat returns the state recorded first. Agents
+        freed by a recorded completion that have queued commands are announced in one NOTIFY
+        (when `notify` says the agent's stream is not held by the caller, which wakes it
+        directly); `CompletionResult.more_work` tells the caller which to wake."""
         events = [lifecycle.completion_event(c.outcome.value) for c in completions]
         sources = {lifecycle.sources(e) for e in events}
         assert len(sources) <= 1, "every completion event moves from the same states"
@@ -867,7 +888,11 @@ class Store:
                              bytes)
                     WHERE m.command_id = v.command_id AND m.agent_id = v.agent_id
                       AND m.state = ANY(:from)
-                    RETURNING m.command_id, m.agent_id, m.state
+                    RETURNING m.command_id, m.agent_id, m.state, EXISTS (
+                        SELECT 1 FROM commands q WHERE q.state = 'pending'
+                          AND (q.agent_id = m.agent_id
+                               OR (q.agent_id IS NULL AND q.service_name = m.service_name
+                                   AND q.hostname = m.hostname))) AS more
                     """
                 ),
                 {
@@ -882,10 +907,13 @@ class Store:
                     "from": _states(next(iter(sources), frozenset())),
                 },
             )
-            states = {row.command_id: (CommandState(row.state), row.agent_id) for row in moved}
+            rows = moved.all()
+            states = {row.command_id: (CommandState(row.state), row.agent_id) for row in rows}
+            more_work = {row.command_id for row in rows if row.more}
+            # Only agents with queued commands need waking: the rest have nothing to receive.
             announce = sorted(
                 {c.agent_id for c, w in zip(completions, wanted, strict=True)
-                 if w and c.command_id in states}
+                 if w and c.command_id in more_work}
             )  # fmt: skip
             for payload in _chunked_payloads("a", announce):
                 await self._notify(conn, payload)
@@ -893,14 +921,17 @@ class Store:
                 conn, [c.command_id for c in completions if c.command_id not in states]
             )
         current.update(states)
-        results: list[CommandState | PulseError] = []
+        results: list[CompletionResult | PulseError] = []
         for completion in completions:
             checked = _owned_state(current, completion.command_id, completion.agent_id)
             if checked == CommandState.PENDING:
                 checked = FailedPrecondition(
                     f"command {completion.command_id} was never delivered to this agent"
                 )
-            results.append(checked)
+            if isinstance(checked, PulseError):
+                results.append(checked)
+            else:
+                results.append(CompletionResult(checked, completion.command_id in more_work))
         return results
 
     @database_errors

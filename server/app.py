@@ -169,6 +169,7 @@ class PulseServer:
         hub = self.hub
         return {
             "time": time.time(),
+            "cpu_seconds": round(time.process_time(), 3),
             "sessions": len(hub.sessions),
             "heartbeats": hub.heartbeats.heartbeats,
             "heartbeat_flushes": hub.heartbeats.flushes,
@@ -181,6 +182,11 @@ class PulseServer:
             "completion_batches": hub.completions.batches,
             "completions": hub.completions.items,
             "sweeps": hub.sweeps,
+            "claim_seconds": round(hub.dispatcher.busy_seconds, 3),
+            "ack_seconds": round(hub.acks.busy_seconds, 3),
+            "completion_seconds": round(hub.completions.busy_seconds, 3),
+            "session_open_batches": hub.opens.batches,
+            "session_open_seconds": round(hub.opens.busy_seconds, 3),
             **self.gc_pauses.snapshot(),
         }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -27,6 +28,7 @@ class Batcher(Generic[I, O]):
         self._tasks: list[asyncio.Task[None]] = []
         self.batches = 0
         self.items = 0
+        self.busy_seconds = 0.0  # time spent in flushes
 
     def start(self) -> None:
         self._tasks = [
@@ -54,6 +56,7 @@ class Batcher(Generic[I, O]):
             batch = [await self._queue.get()]
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            started = time.perf_counter()
             try:
                 results = await self._flush([item for item, _ in batch])
             except asyncio.CancelledError:
@@ -67,6 +70,7 @@ class Batcher(Generic[I, O]):
                 continue
             self.batches += 1
             self.items += len(batch)
+            self.busy_seconds += time.perf_counter() - started
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue

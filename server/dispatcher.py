@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from db.store import Store
 from server.domain import ClaimFor, Unavailable
@@ -31,6 +32,7 @@ class Dispatcher:
         self.claims = 0  # claim transactions
         self.claimed_sessions = 0
         self.pushed = 0
+        self.busy_seconds = 0.0  # time spent claiming
 
     def start(self) -> None:
         self._tasks = [
@@ -63,6 +65,7 @@ class Dispatcher:
             batch = self._next_batch(await self._queue.get())
             if not batch:
                 continue
+            started = time.perf_counter()
             try:
                 await self.dispatch(batch)
             except Unavailable as exc:
@@ -70,6 +73,7 @@ class Dispatcher:
                 log.warning("dispatch for %d sessions failed: %s", len(batch), exc)
             except Exception:
                 log.exception("dispatch for %d sessions failed", len(batch))
+            self.busy_seconds += time.perf_counter() - started
 
     async def dispatch(self, sessions: list[AgentSession]) -> None:
         by_agent = {s.agent_id: s for s in sessions}

@@ -185,6 +185,15 @@ class SessionOpen:
 
 
 @dataclass(frozen=True)
+class SessionClose:
+    """A stream that ended."""
+
+    agent_id: str
+    session_id: uuid.UUID
+    last_seen: datetime | None
+
+
+@dataclass(frozen=True)
 class ClaimFor:
     """A live session asking for its agent's next commands."""
 
@@ -200,6 +209,14 @@ class Ack:
     command_id: uuid.UUID
     accepted: bool
     reason: str
+
+
+@dataclass(frozen=True)
+class CompletionResult:
+    """The command's state after a completion; `more_work` when its agent has queued commands."""
+
+    state: CommandState
+    more_work: bool = False
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,10 @@ from server.domain import (
     Ack,
     AckOutcome,
     Completion,
+    CompletionResult,
     Hello,
     PulseError,
+    SessionClose,
     SessionOpen,
     Unavailable,
     new_id,
@@ -67,7 +69,8 @@ class Hub:
         self.opens: Batcher[SessionOpen, list[uuid.UUID]] = Batcher(
             "session-opens", self._open_sessions
         )
-        self.completions: Batcher[tuple[Completion, bool], CommandState] = Batcher(
+        self.closes: Batcher[SessionClose, None] = Batcher("session-closes", store.close_sessions)
+        self.completions: Batcher[tuple[Completion, bool], CompletionResult] = Batcher(
             "completions", self._record_completions
         )
         self._tasks: list[asyncio.Task[None]] = []
@@ -81,6 +84,7 @@ class Hub:
         self.dispatcher.start()
         self.acks.start()
         self.opens.start()
+        self.closes.start()
         self.completions.start()
         self._tasks = [
             asyncio.create_task(self.heartbeats.run(), name="heartbeat-flush"),
@@ -94,6 +98,7 @@ class Hub:
         await self.dispatcher.stop()
         await self.acks.stop()
         await self.opens.stop()
+        await self.closes.stop()
         await self.completions.stop()
         with contextlib.suppress(Unavailable):
             await self.heartbeats.flush()
@@ -157,17 +162,17 @@ class Hub:
         """Record an agent's outcome; the agent, now free, is woken for its next command (directly
         when its stream is held here, else through a NOTIFY to whichever server holds it)."""
         local = self.sessions.by_agent(completion.agent_id)
-        state = await self.completions.submit((completion, local is None))
-        if local is not None and state in TERMINAL:
+        result = await self.completions.submit((completion, local is None))
+        if local is not None and result.more_work:
             self.dispatcher.wake(local)
-        return state
+        return result.state
 
     async def _open_sessions(self, opens: list[SessionOpen]) -> list[list[uuid.UUID]]:
         return await self.store.open_sessions(opens, self.settings.server_id)
 
     async def _record_completions(
         self, items: list[tuple[Completion, bool]]
-    ) -> Sequence[CommandState | PulseError]:
+    ) -> Sequence[CompletionResult | PulseError]:
         return await self.store.record_completions(
             [c for c, _ in items], notify=[notify for _, notify in items]
         )
@@ -182,7 +187,9 @@ class Hub:
             session.session_id,
             session.close_reason,
         )
-        await self.store.close_session(session.agent_id, session.session_id, session.last_seen)
+        await self.closes.submit(
+            SessionClose(session.agent_id, session.session_id, session.last_seen)
+        )
 
     # --- wake-ups -------------------------------------------------------------------------------
 

@@ -189,7 +189,8 @@ async def test_batched_acks_and_completions_report_per_item(store: Store) -> Non
 
     done = Completion("a1", command.command_id, Outcome.SUCCEEDED, None, None, "", "/p", 1, 2)
     results = await store.record_completions([done, done, replace(done, agent_id="a2")])
-    assert results[:2] == ["succeeded", "succeeded"]
+    assert [getattr(r, "state", None) for r in results[:2]] == ["succeeded", "succeeded"]
+    assert not any(getattr(r, "more_work", True) for r in results[:2])  # nothing else queued
     assert isinstance(results[2], PermissionDenied)
 
 
