@@ -13,6 +13,7 @@ channel `pulse_events`, sent from the same transaction as the change they announ
 from __future__ import annotations
 
 import base64
+import collections
 import functools
 import hashlib
 import json
@@ -33,6 +34,7 @@ from server import lifecycle
 from server.domain import (
     AckOutcome,
     AgentView,
+    Candidate,
     CommandToSend,
     Completion,
     FailedPrecondition,
@@ -64,6 +66,11 @@ def _states(states: Iterable[CommandState]) -> list[str]:
     return sorted(s.value for s in states)
 
 
+# Database errors seen by this process, by kind ("unavailable", "retried", "other"); the metrics
+# endpoint exports them.
+DATABASE_ERRORS: collections.Counter[str] = collections.Counter()
+
+
 def database_errors(fn: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
     """Turn a lost or unreachable database into `Unavailable`; retry deadlocks a few times."""
 
@@ -75,15 +82,19 @@ def database_errors(fn: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_
             except DBAPIError as exc:
                 sqlstate = getattr(exc.orig, "sqlstate", None)
                 if sqlstate in _TRANSIENT_SQLSTATES and attempt < 2:
+                    DATABASE_ERRORS["retried"] += 1
                     continue
                 if (
                     isinstance(exc, OperationalError | InterfaceError)
                     or exc.connection_invalidated
                     or (sqlstate or "").startswith(("08", "57"))
                 ):
+                    DATABASE_ERRORS["unavailable"] += 1
                     raise Unavailable(f"database unavailable: {type(exc.orig).__name__}") from exc
+                DATABASE_ERRORS["other"] += 1
                 raise
             except (PoolTimeout, OSError) as exc:
+                DATABASE_ERRORS["unavailable"] += 1
                 raise Unavailable(f"database unavailable: {exc}") from exc
         raise AssertionError("unreachable")
 
@@ -353,6 +364,67 @@ class Store:
         if row is None:
             raise NotFound(f"profile request {request_id} not found")
         return _request_view(row, await self._targets(conn, request_id))
+
+    @database_errors
+    async def request_summary(self, request_id: uuid.UUID) -> RequestView:
+        """The request with its state and counts, without its targets (cheap enough to poll)."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(f"{_REQUEST_WITH_COUNTS} WHERE r.request_id = :id"), {"id": request_id}
+                )
+            ).first()
+        if row is None:
+            raise NotFound(f"profile request {request_id} not found")
+        return _request_view(row)
+
+    @database_errors
+    async def preview_targets(self, request: SubmitRequest) -> list[Candidate]:
+        """What `submit` would target, creating nothing: every online agent of the service, or
+        for each named host the agents known there (one entry with no agent when none is)."""
+        async with self.engine.connect() as conn:
+            if not request.hostnames:
+                rows = await conn.execute(
+                    text(
+                        f"SELECT a.agent_id, a.hostname, a.supported_modes, true AS online "
+                        f"FROM agents a WHERE a.service_name = :service AND {self._online()} "
+                        f"ORDER BY a.hostname, a.agent_id"
+                    ),
+                    {"service": request.service_name},
+                )
+                found = [_candidate(row) for row in rows]
+                if not found:
+                    raise FailedPrecondition(
+                        f"no online agent of service {request.service_name!r}; name hostnames to "
+                        "queue a request for agents that have not connected yet"
+                    )
+                return found
+            rows = await conn.execute(
+                text(
+                    f"SELECT a.agent_id, a.hostname, a.supported_modes, {self._online()} AS online "
+                    f"FROM agents a WHERE a.service_name = :service AND a.hostname = ANY(:hosts) "
+                    f"ORDER BY a.hostname, a.agent_id"
+                ),
+                {"service": request.service_name, "hosts": list(request.hostnames)},
+            )
+            by_host: dict[str, list[Candidate]] = {}
+            for row in rows:
+                by_host.setdefault(row.hostname, []).append(_candidate(row))
+        return [
+            candidate
+            for host in request.hostnames
+            for candidate in by_host.get(host) or [Candidate(host, None, False, ())]
+        ]
+
+    @database_errors
+    async def command_counts(self) -> dict[CommandState, int]:
+        """How many commands are in each state, over the whole database (for metrics)."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(text("SELECT state, count(*) AS n FROM commands GROUP BY 1"))
+            counts = {state: 0 for state in CommandState}
+            for row in rows:
+                counts[CommandState(row.state)] = row.n
+            return counts
 
     @database_errors
     async def list_requests(
@@ -683,7 +755,8 @@ class Store:
                         FROM profile_requests r
                         WHERE m.command_id = :id AND m.agent_id = :agent
                           AND m.state = ANY(:from) AND r.request_id = m.request_id
-                        RETURNING m.state
+                        RETURNING m.state,
+                            extract(epoch FROM clock_timestamp() - m.created_at) AS waited
                         """
                     ),
                     {
@@ -698,7 +771,8 @@ class Store:
                     text(
                         "UPDATE commands SET state = 'rejected', finished_at = now(), "
                         "error_message = :reason WHERE command_id = :id AND agent_id = :agent "
-                        "AND state = ANY(:from) RETURNING state"
+                        "AND state = ANY(:from) RETURNING state, "
+                        "extract(epoch FROM clock_timestamp() - created_at) AS waited"
                     ),
                     {
                         "id": command_id,
@@ -709,7 +783,7 @@ class Store:
                 )
             row = moved.first()
             if row is not None:
-                return AckOutcome(state=CommandState(row.state))
+                return AckOutcome(state=CommandState(row.state), dispatch_seconds=float(row.waited))
             current = await self._command_owner(conn, command_id, agent_id)
             stop = accepted and current == CommandState.CANCELLED
             return AckOutcome(state=current, stop=stop)
@@ -903,6 +977,15 @@ class Store:
                 else:
                     agents.add(row.agent_id)
             return agents, hosts
+
+
+def _candidate(row: Row[Any]) -> Candidate:
+    return Candidate(
+        hostname=row.hostname,
+        agent_id=row.agent_id,
+        online=bool(row.online),
+        supported_modes=tuple(ProfilingMode(m) for m in row.supported_modes),
+    )
 
 
 def _uuid_or_none(value: str) -> uuid.UUID | None:

@@ -24,8 +24,10 @@ from pulse.v1 import agent_service_pb2, profiling_service_pb2
 from pulse.v1 import agent_service_pb2_grpc as apb_grpc
 from pulse.v1 import profiling_service_pb2_grpc as ppb_grpc
 from server.hub import Hub, HubSettings
+from server.metrics import ServerMetrics
 from server.servicers import AgentServicer, ProfilingServicer
 from server.sessions import CloseReason
+from server.watch import RequestWatch
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,8 @@ class ServerConfig:
     db_pool_size: int = 10
     dispatch_workers: int = 4
     migrate: bool = True
+    # host:port of the Prometheus endpoint; None: no endpoint and no RPC interceptor.
+    metrics_listen: str | None = None
 
     def hub_settings(self) -> HubSettings:
         return HubSettings(
@@ -111,6 +115,8 @@ class PulseServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.metrics = ServerMetrics()
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._listener_task: asyncio.Task[None] | None = None
@@ -131,11 +137,21 @@ class PulseServer:
         )
         self.hub = Hub(self.store, config.hub_settings())
         self.hub.start()
-        self.listener = Listener(url, self.hub.on_notify, self._after_listen)
+        self.watch = RequestWatch(self.store)
+        self.listener = Listener(url, self._on_notify, self._after_listen)
         self._listener_task = asyncio.create_task(self.listener.run(), name="listen")
 
-        server = grpc.aio.server(options=config.grpc_options())
-        ppb_grpc.add_ProfilingServiceServicer_to_server(ProfilingServicer(self.store), server)
+        interceptors = []
+        if config.metrics_listen:
+            self.hub.metrics = self.metrics
+            self.metrics.bind(
+                self.hub, self.store, self.engine, self.watch, asyncio.get_running_loop()
+            )
+            interceptors.append(self.metrics.interceptor())
+        server = grpc.aio.server(options=config.grpc_options(), interceptors=interceptors)
+        ppb_grpc.add_ProfilingServiceServicer_to_server(
+            ProfilingServicer(self.store, self.watch), server
+        )
         apb_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.hub, self.store), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -146,11 +162,19 @@ class PulseServer:
             raise RuntimeError(f"cannot listen on {config.listen}")
         await server.start()
         self._server = server
+        if config.metrics_listen:
+            self.metrics_port = self.metrics.serve(config.metrics_listen)
         await self._set_serving(True)
         log.info(
             "pulse server %s listening on %s (port %d)", config.server_id, config.listen, self.port
         )
         return self.port
+
+    def _on_notify(self, payload: str) -> None:
+        if self.hub.metrics is not None:
+            self.hub.metrics.notified(payload)
+        self.hub.on_notify(payload)
+        self.watch.wake(payload)
 
     async def _after_listen(self) -> None:
         """Notifications may have been missed while the LISTEN connection was down: catch up."""
@@ -179,6 +203,7 @@ class PulseServer:
             self._listener_task.cancel()
             await asyncio.gather(self._listener_task, return_exceptions=True)
         await self.hub.stop()
+        self.metrics.stop()
         await self.engine.dispose()
         self._stopped.set()
 

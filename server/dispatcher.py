@@ -12,6 +12,7 @@ import logging
 
 from db.store import Store
 from server.domain import Unavailable
+from server.logs import ids
 from server.sessions import AgentSession, StopRequest
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,11 @@ class Dispatcher:
                 command.command_id,
                 command.request_id,
                 hello.agent_id,
+                extra=ids(
+                    request_id=command.request_id,
+                    command_id=command.command_id,
+                    agent_id=hello.agent_id,
+                ),
             )
             if session.push(command):
                 self.pushed += 1

@@ -13,13 +13,18 @@ import random
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from db.store import Store
 from server.dispatcher import Dispatcher
 from server.domain import Hello, Unavailable, new_id
 from server.lifecycle import TERMINAL
 from server.liveness import HeartbeatBatcher
+from server.logs import ids
 from server.sessions import AgentSession, CloseReason, DrainRequest, SessionRegistry, StopRequest
+
+if TYPE_CHECKING:
+    from server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,8 @@ class Hub:
         self._tasks: list[asyncio.Task[None]] = []
         self._wakeups: set[asyncio.Task[None]] = set()
         self.sweeps = 0
+        self.sweep_wakeups = 0  # sessions a sweep found work for
+        self.metrics: ServerMetrics | None = None
         self.draining = False
 
     # --- life of the hub ------------------------------------------------------------------------
@@ -102,6 +109,7 @@ class Hub:
             hello.hostname,
             hello.service_name,
             session.session_id,
+            extra=ids(agent_id=hello.agent_id, session_id=session.session_id),
         )
         self.dispatcher.wake(session)
         return session
@@ -120,7 +128,10 @@ class Hub:
             "accepted" if accepted else f"rejected ({reason})",
             command_id,
             outcome.state,
+            extra=ids(agent_id=session.agent_id, command_id=command_id),
         )
+        if self.metrics is not None:
+            self.metrics.acked(outcome)
         if outcome.stop:
             session.push(StopRequest(command_id, "cancelled before it started"))
         if outcome.state in TERMINAL:
@@ -135,6 +146,7 @@ class Hub:
             session.agent_id,
             session.session_id,
             session.close_reason,
+            extra=ids(agent_id=session.agent_id, session_id=session.session_id),
         )
         await self.store.close_session(session.agent_id, session.session_id, session.last_seen)
 
@@ -192,6 +204,7 @@ class Hub:
         if len(self.sessions):
             agents, hosts = await self.store.agents_with_work()
             for session in self.sessions.matching(agents, hosts):
+                self.sweep_wakeups += 1
                 self.dispatcher.wake(session)
         self.sweeps += 1
 

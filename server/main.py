@@ -14,6 +14,7 @@ from pathlib import Path
 
 from db import migrate
 from db.engine import DATABASE_URL_ENV, create_engine
+from server import logs
 from server.app import PulseServer, ServerConfig, resolve_database_url
 
 log = logging.getLogger("pulse.server")
@@ -85,7 +86,14 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--db-pool-size", type=int, default=10)
+    p.add_argument(
+        "--metrics-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP here, e.g. 127.0.0.1:9464 (default: off)",
+    )
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", choices=logs.FORMATS, default="text", help="default %(default)s")
     sub = p.add_subparsers(dest="command")
     db = sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_command", required=True)
@@ -107,6 +115,7 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         max_connection_age=args.max_connection_age,
         max_message_bytes=args.max_message_bytes,
         db_pool_size=args.db_pool_size,
+        metrics_listen=args.metrics_listen,
     )
     if args.server_id:
         config.server_id = args.server_id
@@ -139,11 +148,7 @@ async def serve(config: ServerConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(args.log_level, args.log_format)
     config = config_from(args)
     if args.command == "db":
         asyncio.run(upgrade(config))
