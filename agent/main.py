@@ -110,6 +110,7 @@ async def run(args: argparse.Namespace) -> None:
         return Executor(profiler, state, args.output_dir, report)
 
     client = AgentClient(config, executor, state, profiler.supported_modes)
+    logs.stamp(agent_id=client.agent_id)
     log.info("agent %s (%s, service %s) starting", client.agent_id, args.hostname, args.service)
     main = asyncio.create_task(client.run())
     stop = asyncio.Event()

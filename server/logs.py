@@ -42,6 +42,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False)
 
 
+class _Stamp(logging.Filter):
+    def __init__(self, values: dict[str, str]) -> None:
+        super().__init__()
+        self._values = values
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in self._values.items():
+            if getattr(record, key, None) is None:
+                setattr(record, key, value)
+        return True
+
+
+def stamp(**values: object) -> None:
+    """Give every record from now on these ids unless it has its own (e.g. the agent's id)."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_Stamp(ids(**values)))
+
+
 def configure(level: str, fmt: str = "text", stream: TextIO | None = None) -> None:
     """Send every log record to stderr (or `stream`) in the chosen format."""
     handler = logging.StreamHandler(stream or sys.stderr)
