@@ -96,6 +96,7 @@ def make_profiler(args: argparse.Namespace) -> Profiler:
 
 async def run(args: argparse.Namespace) -> None:
     state = AgentState(args.state_dir)
+    logs.stamp(agent_id=state.agent_id())  # every line of this agent carries its id
     profiler = make_profiler(args)
     config = AgentConfig(
         server=args.server,
@@ -110,7 +111,6 @@ async def run(args: argparse.Namespace) -> None:
         return Executor(profiler, state, args.output_dir, report)
 
     client = AgentClient(config, executor, state, profiler.supported_modes)
-    logs.stamp(agent_id=client.agent_id)
     log.info("agent %s (%s, service %s) starting", client.agent_id, args.hostname, args.service)
     main = asyncio.create_task(client.run())
     stop = asyncio.Event()
