@@ -116,6 +116,10 @@ class Hub:
 
     def heartbeat(self, session: AgentSession) -> None:
         session.last_seen = self.heartbeats.touch(session.agent_id, session.session_id)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "heartbeat from agent %s", session.agent_id, extra=ids(agent_id=session.agent_id)
+            )
 
     async def ack(
         self, session: AgentSession, command_id: uuid.UUID, accepted: bool, reason: str

@@ -16,6 +16,7 @@ from db import migrate
 from db.engine import DATABASE_URL_ENV, create_engine
 from server import logs
 from server.app import PulseServer, ServerConfig, resolve_database_url
+from server.metrics import parse_listen
 
 log = logging.getLogger("pulse.server")
 
@@ -25,6 +26,14 @@ def _seconds(value: str) -> timedelta:
     if seconds <= 0:
         raise argparse.ArgumentTypeError("must be positive")
     return timedelta(seconds=seconds)
+
+
+def _metrics_listen(value: str) -> str:
+    try:
+        parse_listen(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -88,6 +97,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--db-pool-size", type=int, default=10)
     p.add_argument(
         "--metrics-listen",
+        type=_metrics_listen,
         default=None,
         metavar="HOST:PORT",
         help="serve Prometheus metrics over HTTP here, e.g. 127.0.0.1:9464 (default: off)",
