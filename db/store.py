@@ -17,6 +17,7 @@ import collections
 import functools
 import hashlib
 import json
+import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -56,6 +57,7 @@ from server.domain import (
 from server.lifecycle import CommandState, Event
 
 CHANNEL = "pulse_events"
+log = logging.getLogger(__name__)
 _S = CommandState
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -517,10 +519,13 @@ class Store:
         cancelled = await conn.execute(
             text(
                 f"UPDATE commands SET state = 'cancelled', finished_at = now(), "
-                f"error_message = :reason WHERE {condition} AND state = ANY(:from)"
+                f"error_message = :reason WHERE {condition} AND state = ANY(:from) "
+                f"RETURNING {_MOVED}"
             ),
             {**params, "reason": reason, "from": _states(lifecycle.sources(Event.CANCEL))},
         )
+        cancelled_rows = cancelled.all()
+        _log_moved(cancelled_rows, CommandState.CANCELLED, reason)
         stopping = await conn.execute(
             text(
                 f"UPDATE commands SET stop_requested = true, error_message = :reason "
@@ -528,7 +533,7 @@ class Store:
             ),
             {**params, "reason": reason},
         )
-        return cancelled.rowcount, stopping.rowcount
+        return len(cancelled_rows), stopping.rowcount
 
     @database_errors
     async def list_agents(self, *, service_name: str | None, online_only: bool) -> list[AgentView]:
@@ -654,7 +659,8 @@ class Store:
             requeued = await conn.execute(
                 text(
                     "UPDATE commands SET state = 'pending', session_id = NULL "
-                    "WHERE agent_id = :agent AND session_id = :session AND state = ANY(:from)"
+                    "WHERE agent_id = :agent AND session_id = :session AND state = ANY(:from) "
+                    f"RETURNING {_MOVED}"
                 ),
                 {
                     "agent": agent_id,
@@ -662,7 +668,9 @@ class Store:
                     "from": _states(lifecycle.sources(Event.STREAM_LOST)),
                 },
             )
-            if requeued.rowcount:
+            requeued_rows = requeued.all()
+            _log_moved(requeued_rows, CommandState.PENDING, "stream closed before the ack")
+            if requeued_rows:
                 await self._notify(conn, f"a:{agent_id}")
 
     @database_errors
@@ -908,13 +916,16 @@ class Store:
                         LIMIT :limit FOR UPDATE SKIP LOCKED)
                     UPDATE commands m SET state = 'pending', session_id = NULL
                     FROM c WHERE m.command_id = c.command_id
+                    RETURNING m.command_id, m.request_id, m.agent_id
                     """
                 ),
                 {"timeout": ack_timeout.total_seconds(), "limit": limit},
             )
-            if result.rowcount:
+            rows = result.all()
+            _log_moved(rows, CommandState.PENDING, "no ack within the ack timeout")
+            if rows:
                 await self._notify(conn, "*")
-            return result.rowcount
+            return len(rows)
 
     async def _sweep(
         self,
@@ -936,6 +947,7 @@ class Store:
                         error_message = CASE WHEN m.error_message = '' THEN :reason
                             ELSE m.error_message || '; ' || :reason END
                     FROM c WHERE m.command_id = c.command_id
+                    RETURNING m.command_id, m.request_id, m.agent_id
                     """
                 ),
                 {
@@ -946,7 +958,9 @@ class Store:
                     "limit": limit,
                 },
             )
-            return result.rowcount
+            rows = result.all()
+            _log_moved(rows, lifecycle.target(event), reason)
+            return len(rows)
 
     @database_errors
     async def agents_with_work(
@@ -977,6 +991,27 @@ class Store:
                 else:
                     agents.add(row.agent_id)
             return agents, hosts
+
+
+# What a state-changing UPDATE returns so that each moved command gets its log line.
+_MOVED = "command_id, request_id, agent_id"
+
+
+def _log_moved(rows: Sequence[Row[Any]], state: CommandState, reason: str) -> None:
+    """One INFO line per command a statement moved (sweeps, cancels, re-queues)."""
+    for row in rows:
+        log.info(
+            "command %s of request %s -> %s: %s",
+            row.command_id,
+            row.request_id,
+            state,
+            reason,
+            extra={
+                "command_id": str(row.command_id),
+                "request_id": str(row.request_id),
+                **({"agent_id": row.agent_id} if row.agent_id else {}),
+            },
+        )
 
 
 def _candidate(row: Row[Any]) -> Candidate:

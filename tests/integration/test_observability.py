@@ -330,3 +330,31 @@ async def test_json_log_lines_parse_and_carry_ids(harness: Harness, json_log: io
     # Every state change of the command is one INFO line: sent, running, succeeded.
     server_lines = [line for line in about(command_id) if line["logger"].startswith("server.")]
     assert [line["level"] for line in server_lines] == ["INFO"] * 3, server_lines
+
+
+async def test_sweeps_and_cancels_log_one_line_per_command(
+    harness: Harness, json_log: io.StringIO
+) -> None:
+    server = await harness.server()
+    ops = harness.operator(server)
+    expiring = await ops.SubmitProfileRequest(
+        submit_request(hostnames=["gone-1", "gone-2"], ttl_seconds=1)
+    )
+    cancelled = await ops.SubmitProfileRequest(submit_request(hostnames=["later-1"]))
+    await ops.CancelProfileRequest(ppb.CancelProfileRequestRequest(request_id=cancelled.request_id))
+    await eventually(
+        lambda: get_request(ops, expiring.request_id),
+        lambda r: r.state == ppb.REQUEST_STATE_FAILED,
+    )
+
+    lines = [json.loads(line) for line in json_log.getvalue().splitlines()]
+    moved = [line for line in lines if line["logger"] == "db.store"]
+    expired = {
+        line["command_id"]
+        for line in moved
+        if line.get("request_id") == expiring.request_id and "-> expired" in line["message"]
+    }
+    assert expired == {t.command_id for t in expiring.targets}
+    (cancel_line,) = [line for line in moved if line.get("request_id") == cancelled.request_id]
+    assert cancel_line["command_id"] == cancelled.targets[0].command_id
+    assert "-> cancelled" in cancel_line["message"] and cancel_line["level"] == "INFO"
