@@ -28,6 +28,7 @@ from agent.state import RunRecord
 from pulse.v1 import agent_service_pb2 as apb
 from pulse.v1 import agent_service_pb2_grpc as apb_grpc
 from pulse.v1 import common_pb2 as cpb
+from server.logs import ids
 
 log = logging.getLogger("pulse.agent")
 
@@ -176,6 +177,7 @@ class CompletionReporter:
                 "completion of %s recorded: %s",
                 request.command_id,
                 cpb.CommandState.Name(response.command_state),
+                extra=ids(command_id=request.command_id),
             )
         except grpc.aio.AioRpcError as exc:
             log.error(
@@ -344,7 +346,12 @@ class AgentClient:
             result = apb.ACK_RESULT_ACCEPTED
         else:
             result = apb.ACK_RESULT_REJECTED
-            log.warning("rejecting command %s: %s", command.command_id, admission.reason)
+            log.warning(
+                "rejecting command %s: %s",
+                command.command_id,
+                admission.reason,
+                extra=ids(command_id=command.command_id, request_id=command.request_id),
+            )
         return apb.HeartbeatRequest(
             ack=apb.CommandAck(
                 command_id=command.command_id, result=result, reject_reason=admission.reason

@@ -13,6 +13,7 @@ from typing import Any
 
 from agent.profilers.base import Job, Profiler, ProfilerError
 from agent.state import RunRecord
+from server.logs import ids
 
 log = logging.getLogger("pulse.agent")
 
@@ -79,7 +80,7 @@ class Executor:
             work = self._current
         if work is None or work.stop.is_set():
             return
-        log.info("stopping command %s: %s", command_id, reason)
+        log.info("stopping command %s: %s", command_id, reason, extra=ids(command_id=command_id))
         work.stop_reason = reason
         work.stop_outcome = outcome
         work.stop.set()  # a queued one is dropped when dequeued
@@ -114,11 +115,20 @@ class Executor:
             completion.update(outcome=work.stop_outcome, error_message=work.stop_reason)
         else:
             self.executions += 1
-            log.info("starting command %s", job.command_id)
+            log.info(
+                "starting command %s",
+                job.command_id,
+                extra=ids(command_id=job.command_id),
+            )
             completion.update(await self._profile(work))
         completion["finish_time"] = time.time()
         self._state.mark_finished(job.command_id, completion)
-        log.info("command %s finished: %s", job.command_id, completion["outcome"])
+        log.info(
+            "command %s finished: %s",
+            job.command_id,
+            completion["outcome"],
+            extra=ids(command_id=job.command_id),
+        )
         self._report(completion)
 
     async def _profile(self, work: _Work) -> dict[str, Any]:

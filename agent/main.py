@@ -18,6 +18,7 @@ from agent.profilers.base import Profiler
 from agent.profilers.pyspy import PySpyProfiler
 from agent.profilers.simulated import SimulatedProfiler
 from agent.state import AgentState
+from server import logs
 
 log = logging.getLogger("pulse.agent")
 
@@ -75,6 +76,7 @@ def parser() -> argparse.ArgumentParser:
         help="cap of the reconnect backoff in seconds (default 30)",
     )
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", choices=logs.FORMATS, default="text", help="default %(default)s")
     return p
 
 
@@ -94,6 +96,7 @@ def make_profiler(args: argparse.Namespace) -> Profiler:
 
 async def run(args: argparse.Namespace) -> None:
     state = AgentState(args.state_dir)
+    logs.stamp(agent_id=state.agent_id())  # every line of this agent carries its id
     profiler = make_profiler(args)
     config = AgentConfig(
         server=args.server,
@@ -127,11 +130,7 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(args.log_level, args.log_format)
     asyncio.run(run(args))
     return 0
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
+import grpc
 from google.protobuf.json_format import MessageToJson
 from google.protobuf.message import Message
 
@@ -43,6 +44,8 @@ class Context:
     output: str
     out: TextIO
     err: TextIO
+    # True when stderr is a terminal: progress redraws one line instead of printing many.
+    live: bool = False
 
     def emit(self, message: Message, as_text: Callable[[], str]) -> None:
         if self.output == "json":
@@ -75,40 +78,126 @@ def submit_request(args: argparse.Namespace) -> ppb.SubmitProfileRequestRequest:
 
 
 def submit(ctx: Context, args: argparse.Namespace) -> int:
-    resp = ctx.stub.SubmitProfileRequest(submit_request(args), timeout=ctx.timeout)
+    request = submit_request(args)
+    if args.dry_run:
+        request.dry_run = True
+        preview = ctx.stub.SubmitProfileRequest(request, timeout=ctx.timeout)
+        ctx.emit(preview, lambda: render.dry_run(preview))
+        return EXIT_OK
+    resp = ctx.stub.SubmitProfileRequest(request, timeout=ctx.timeout)
     if not args.wait:
         ctx.emit(resp, lambda: render.submitted(resp))
         return EXIT_OK
     if ctx.output != "json":
         print(render.submitted(resp), file=ctx.out, flush=True)
+    return follow(ctx, resp.request_id, args.poll_interval, "\n")
+
+
+def watch(ctx: Context, args: argparse.Namespace) -> int:
+    """Follows an existing request to its end, like `submit --wait`."""
+    return follow(ctx, args.request_id, args.poll_interval, "")
+
+
+def follow(ctx: Context, request_id: str, poll_interval: float, separator: str) -> int:
+    """Shows live progress on stderr, then the request with its targets (problems first); the
+    exit status says whether it SUCCEEDED."""
     try:
-        final = wait_until_finished(ctx, resp.request_id, args.poll_interval)
+        final = wait_until_finished(ctx, request_id, poll_interval)
     except KeyboardInterrupt:
         ctx.note(
-            f"interrupted; request {resp.request_id} keeps running "
-            f"(stop it with: pulsectl cancel {resp.request_id})"
+            f"interrupted; request {request_id} keeps running "
+            f"(stop it with: pulsectl cancel {request_id})"
         )
         return EXIT_INTERRUPTED
-    ctx.emit(final, lambda: "\n" + render.request_detail(final.request))
+    ctx.emit(final, lambda: separator + render.request_detail(final.request))
     return EXIT_OK if final.request.state == ppb.REQUEST_STATE_SUCCEEDED else EXIT_NOT_SUCCEEDED
 
 
 def wait_until_finished(
     ctx: Context, request_id: str, poll_interval: float
 ) -> ppb.GetProfileRequestResponse:
-    """Polls the request, writing a progress line to stderr each time its state or counts move."""
-    get = ppb.GetProfileRequestRequest(request_id=request_id)
-    last: tuple[int, ppb.TargetCounts] | None = None
+    """Follows the request with WatchProfileRequest (polling GetProfileRequest on a server that
+    does not implement it), drawing progress on stderr; returns the final request with its
+    targets."""
+    progress = Progress(ctx)
+    try:
+        for req in _snapshots(ctx, request_id, poll_interval):
+            progress.show(req)
+    finally:
+        progress.close()
+    return ctx.stub.GetProfileRequest(
+        ppb.GetProfileRequestRequest(request_id=request_id), timeout=ctx.timeout
+    )
+
+
+MAX_WATCH_RECONNECTS = 5
+
+
+def _snapshots(ctx: Context, request_id: str, poll_interval: float) -> Iterator[ppb.ProfileRequest]:
+    """Every snapshot until a terminal one. A watch broken by UNAVAILABLE (e.g. a server
+    restarting) is opened again, a few times."""
+    reconnects = 0
+    received = False
     while True:
-        resp = ctx.stub.GetProfileRequest(get, timeout=ctx.timeout)
-        req = resp.request
-        seen = (req.state, req.counts)
-        if seen != last:
-            ctx.note(render.progress(req))
-            last = seen
+        try:
+            # No deadline: a watch lasts as long as the request (Ctrl-C ends it).
+            for resp in ctx.stub.WatchProfileRequest(
+                ppb.WatchProfileRequestRequest(request_id=request_id)
+            ):
+                reconnects = 0
+                received = True
+                yield resp.request
+                if resp.request.state in render.TERMINAL_REQUEST_STATES:
+                    return
+        except grpc.RpcError as exc:
+            code = exc.code() if callable(getattr(exc, "code", None)) else None
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                yield from _polled(ctx, request_id, poll_interval)
+                return
+            retry = code == grpc.StatusCode.UNAVAILABLE and received
+            if not retry or reconnects >= MAX_WATCH_RECONNECTS:
+                raise
+            reconnects += 1
+            time.sleep(min(poll_interval * reconnects, 5.0))
+            continue
+        return  # the stream ended before a terminal state: nothing more will come
+
+
+def _polled(ctx: Context, request_id: str, poll_interval: float) -> Iterator[ppb.ProfileRequest]:
+    get = ppb.GetProfileRequestRequest(request_id=request_id)
+    while True:
+        req = ctx.stub.GetProfileRequest(get, timeout=ctx.timeout).request
+        yield req
         if req.state in render.TERMINAL_REQUEST_STATES:
-            return resp
+            return
         time.sleep(poll_interval)
+
+
+class Progress:
+    """Progress on stderr: a bar redrawn in place on a terminal, else one line per change."""
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+        self._last: tuple[int, bytes] | None = None
+        self._drawn = False
+
+    def show(self, req: ppb.ProfileRequest) -> None:
+        seen = (req.state, req.counts.SerializeToString(deterministic=True))
+        if seen == self._last:
+            return
+        self._last = seen
+        line = render.progress(req)
+        if self._ctx.live:
+            self._ctx.err.write("\r\x1b[2K" + line)
+            self._ctx.err.flush()
+            self._drawn = True
+        else:
+            self._ctx.note(line)
+
+    def close(self) -> None:
+        if self._drawn:
+            self._ctx.err.write("\n")
+            self._ctx.err.flush()
 
 
 def get(ctx: Context, args: argparse.Namespace) -> int:
@@ -173,9 +262,14 @@ def stop(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def agents(ctx: Context, args: argparse.Namespace) -> int:
+    state = "online" if args.online else args.state
     resp = ctx.stub.ListAgents(
-        ppb.ListAgentsRequest(service_name=args.service, online_only=args.online),
+        ppb.ListAgentsRequest(service_name=args.service, online_only=state == "online"),
         timeout=ctx.timeout,
     )
+    if state == "offline":  # the server filters online only; offline is the rest
+        kept = [a for a in resp.agents if not a.online]
+        del resp.agents[:]
+        resp.agents.extend(kept)
     ctx.emit(resp, lambda: render.agents(resp.agents))
     return EXIT_OK

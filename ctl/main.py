@@ -24,11 +24,23 @@ exit status:
 """
 
 SUBMIT_EPILOG = """\
-With --wait, progress lines go to stderr; stdout gets the request id and its
-targets, then the final request (-o json: only the final GetProfileRequest
-response).
+With --wait, progress goes to stderr (a bar redrawn in place on a terminal,
+otherwise one line per change); stdout gets the request id and its targets,
+then the final request with failed and timed-out targets listed first
+(-o json: only the final GetProfileRequest response).
+
+With --dry-run nothing is created: stdout shows which agents the request
+resolves to and which of them would reject it.
 
 exit status with --wait: 0 only if the request ends SUCCEEDED; 1 if it ends
+PARTIALLY_SUCCEEDED, FAILED or CANCELLED; 2 on an RPC error.
+"""
+
+WATCH_EPILOG = """\
+Progress goes to stderr; stdout gets the final request with its targets
+(failed and timed-out first; -o json: the final GetProfileRequest response).
+
+exit status: 0 only if the request ends SUCCEEDED; 1 if it ends
 PARTIALLY_SUCCEEDED, FAILED or CANCELLED; 2 on an RPC error.
 """
 
@@ -134,13 +146,23 @@ def _add_submit(subs: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument(
         "--continuous", action="store_true", help="back-to-back sessions until cancelled"
     )
-    p.add_argument("--wait", action="store_true", help="poll until the request finishes")
+    p.add_argument("--wait", action="store_true", help="follow the request until it finishes")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show the agents it would reach and which would reject it; create nothing",
+    )
+    _add_poll_interval(p)
+
+
+def _add_poll_interval(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--poll-interval",
         type=_positive_float,
         default=1.0,
         metavar="S",
-        help="seconds between polls with --wait (default: %(default)s)",
+        help="seconds between polls when the server cannot stream progress, and between "
+        "reconnects of a broken watch (default: %(default)s)",
     )
 
 
@@ -190,9 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument(
         "--host", dest="hosts", action="append", default=[], metavar="HOST", help="repeatable"
     )
+    watch = _subparser(
+        subs, "watch", commands.watch, "follow a request live until it finishes", WATCH_EPILOG
+    )
+    watch.add_argument("request_id", metavar="ID")
+    _add_poll_interval(watch)
     agents = _subparser(subs, "agents", commands.agents, "list agents and their liveness")
     agents.add_argument("--service", default="", help="only this service's agents")
-    agents.add_argument("--online", action="store_true", help="only online agents")
+    agents.add_argument(
+        "--state", choices=("online", "offline"), help="only online or only offline agents"
+    )
+    agents.add_argument("--online", action="store_true", help="same as --state online")
     return p
 
 
@@ -237,7 +267,10 @@ def run(
 def _dispatch(
     args: argparse.Namespace, stub: ppb_grpc.ProfilingServiceStub, out: TextIO, err: TextIO
 ) -> int:
-    ctx = commands.Context(stub=stub, timeout=args.timeout, output=args.output, out=out, err=err)
+    live = bool(getattr(err, "isatty", lambda: False)())
+    ctx = commands.Context(
+        stub=stub, timeout=args.timeout, output=args.output, out=out, err=err, live=live
+    )
     handler: commands.Command = args.handler
     return handler(ctx, args)
 

@@ -139,8 +139,21 @@ def submitted(resp: ppb.SubmitProfileRequestResponse) -> str:
     return first + "\n" + table(("HOST", "AGENT", "COMMAND", "STATE"), rows)
 
 
+BAR_WIDTH = 24
+
+
+def bar(done: int, total: int, width: int = BAR_WIDTH) -> str:
+    filled = width if total <= 0 else min(width, done * width // total)
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
 def progress(req: ppb.ProfileRequest) -> str:
-    return f"{request_state(req.state)}: {counts(req.counts)}"
+    """E.g. `[############............] 1/2 done  RUNNING  1 running, 1 succeeded`."""
+    c = req.counts
+    done = done_count(c)
+    parts = [f"{getattr(c, field)} {label}" for field, label in _COUNT_FIELDS if getattr(c, field)]
+    line = f"{bar(done, c.total)} {done}/{c.total} done  {request_state(req.state)}"
+    return line + ("  " + ", ".join(parts) if parts else "")
 
 
 def targets(items: Iterable[ppb.Target]) -> str:
@@ -159,8 +172,18 @@ def targets(items: Iterable[ppb.Target]) -> str:
     return table(("HOST", "AGENT", "COMMAND", "STATE", "ERROR", "RESULT"), rows)
 
 
+# Listed first of all: targets that ran and broke.
+FAILED_COMMAND_STATES = frozenset({cpb.COMMAND_STATE_FAILED, cpb.COMMAND_STATE_TIMED_OUT})
+
+
 def _target_order(t: ppb.Target) -> tuple[int, str, str]:
-    return (0 if t.command_state in PROBLEM_COMMAND_STATES else 1, t.hostname, t.agent_id)
+    if t.command_state in FAILED_COMMAND_STATES:
+        rank = 0
+    elif t.command_state in PROBLEM_COMMAND_STATES:
+        rank = 1
+    else:
+        rank = 2
+    return (rank, t.hostname, t.agent_id)
 
 
 def request_detail(req: ppb.ProfileRequest) -> str:
@@ -201,21 +224,54 @@ def request_list(requests: Iterable[ppb.ProfileRequest]) -> str:
     return table(("ID", "SERVICE", "STATE", "TARGETS", "CREATED"), rows)
 
 
+def running(ids: Sequence[str]) -> str:
+    """The command an agent runs (it runs one at a time), `+N` when more are sent to it."""
+    if not ids:
+        return EMPTY
+    return ids[0] + (f" +{len(ids) - 1}" if len(ids) > 1 else "")
+
+
 def agents(items: Iterable[ppb.Agent]) -> str:
     rows = [
         (
             a.agent_id,
             a.hostname,
             a.service_name,
-            "yes" if a.online else "no",
+            "online" if a.online else "offline",
             timestamp(a.last_heartbeat_time),
-            str(len(a.running_command_ids)),
+            running(a.running_command_ids),
             a.agent_version,
         )
         for a in items
     ]
-    headers = ("AGENT", "HOST", "SERVICE", "ONLINE", "LAST HEARTBEAT", "RUNNING", "VERSION")
+    headers = ("AGENT", "HOST", "SERVICE", "STATE", "LAST HEARTBEAT", "RUNNING", "VERSION")
     return table(headers, rows)
+
+
+def modes(values: Iterable[cpb.ProfilingMode.ValueType]) -> str:
+    return ",".join(MODE_NAMES.get(m, str(m)) for m in values)
+
+
+def dry_run(resp: ppb.SubmitProfileRequestResponse) -> str:
+    """A summary line, then one row per target the request would get (rejections first)."""
+    found = list(resp.dry_run_targets)
+    rejecting = sum(1 for t in found if t.would_reject)
+    noun = "target" if len(found) == 1 else "targets"
+    head = f"dry run (nothing created): {len(found)} {noun}, {rejecting} would reject"
+    ordered = sorted(found, key=lambda t: (not t.would_reject, t.hostname, t.agent_id))
+    rows = [
+        (
+            t.hostname,
+            t.agent_id,
+            ("online" if t.online else "offline") if t.agent_id else EMPTY,
+            modes(t.supported_modes),
+            "REJECT" if t.would_reject else ("ok" if not t.reason else "waits"),
+            t.reason,
+        )
+        for t in ordered
+    ]
+    headers = ("HOST", "AGENT", "STATE", "MODES", "VERDICT", "REASON")
+    return head + ("\n" + table(headers, rows) if rows else "")
 
 
 def stopped(resp: ppb.StopProfilingResponse) -> str:

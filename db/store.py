@@ -15,9 +15,11 @@ channel `pulse_events`, sent from the same transaction as the change they announ
 from __future__ import annotations
 
 import base64
+import collections
 import functools
 import hashlib
 import json
+import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -36,6 +38,7 @@ from server.domain import (
     Ack,
     AckOutcome,
     AgentView,
+    Candidate,
     ClaimFor,
     CommandToSend,
     Completion,
@@ -62,6 +65,7 @@ from server.domain import (
 from server.lifecycle import CommandState, Event
 
 CHANNEL = "pulse_events"
+log = logging.getLogger(__name__)
 _S = CommandState
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -70,6 +74,11 @@ _TRANSIENT_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock
 
 def _states(states: Iterable[CommandState]) -> list[str]:
     return sorted(s.value for s in states)
+
+
+# Database errors seen by this process, by kind ("unavailable", "retried", "other"); the metrics
+# endpoint exports them.
+DATABASE_ERRORS: collections.Counter[str] = collections.Counter()
 
 
 def database_errors(fn: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
@@ -83,15 +92,19 @@ def database_errors(fn: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_
             except DBAPIError as exc:
                 sqlstate = getattr(exc.orig, "sqlstate", None)
                 if sqlstate in _TRANSIENT_SQLSTATES and attempt < 2:
+                    DATABASE_ERRORS["retried"] += 1
                     continue
                 if (
                     isinstance(exc, OperationalError | InterfaceError)
                     or exc.connection_invalidated
                     or (sqlstate or "").startswith(("08", "57"))
                 ):
+                    DATABASE_ERRORS["unavailable"] += 1
                     raise Unavailable(f"database unavailable: {type(exc.orig).__name__}") from exc
+                DATABASE_ERRORS["other"] += 1
                 raise
             except (PoolTimeout, OSError) as exc:
+                DATABASE_ERRORS["unavailable"] += 1
                 raise Unavailable(f"database unavailable: {exc}") from exc
         raise AssertionError("unreachable")
 
@@ -368,6 +381,67 @@ class Store:
         return _request_view(row, await self._targets(conn, request_id))
 
     @database_errors
+    async def request_summary(self, request_id: uuid.UUID) -> RequestView:
+        """The request with its state and counts, without its targets (cheap enough to poll)."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(f"{_REQUEST_WITH_COUNTS} WHERE r.request_id = :id"), {"id": request_id}
+                )
+            ).first()
+        if row is None:
+            raise NotFound(f"profile request {request_id} not found")
+        return _request_view(row)
+
+    @database_errors
+    async def preview_targets(self, request: SubmitRequest) -> list[Candidate]:
+        """What `submit` would target, creating nothing: every online agent of the service, or
+        for each named host the agents known there (one entry with no agent when none is)."""
+        async with self.engine.connect() as conn:
+            if not request.hostnames:
+                rows = await conn.execute(
+                    text(
+                        f"SELECT a.agent_id, a.hostname, a.supported_modes, true AS online "
+                        f"FROM agents a WHERE a.service_name = :service AND {self._online()} "
+                        f"ORDER BY a.hostname, a.agent_id"
+                    ),
+                    {"service": request.service_name},
+                )
+                found = [_candidate(row) for row in rows]
+                if not found:
+                    raise FailedPrecondition(
+                        f"no online agent of service {request.service_name!r}; name hostnames to "
+                        "queue a request for agents that have not connected yet"
+                    )
+                return found
+            rows = await conn.execute(
+                text(
+                    f"SELECT a.agent_id, a.hostname, a.supported_modes, {self._online()} AS online "
+                    f"FROM agents a WHERE a.service_name = :service AND a.hostname = ANY(:hosts) "
+                    f"ORDER BY a.hostname, a.agent_id"
+                ),
+                {"service": request.service_name, "hosts": list(request.hostnames)},
+            )
+            by_host: dict[str, list[Candidate]] = {}
+            for row in rows:
+                by_host.setdefault(row.hostname, []).append(_candidate(row))
+        return [
+            candidate
+            for host in request.hostnames
+            for candidate in by_host.get(host) or [Candidate(host, None, False, ())]
+        ]
+
+    @database_errors
+    async def command_counts(self) -> dict[CommandState, int]:
+        """How many commands are in each state, over the whole database (for metrics)."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(text("SELECT state, count(*) AS n FROM commands GROUP BY 1"))
+            counts = {state: 0 for state in CommandState}
+            for row in rows:
+                counts[CommandState(row.state)] = row.n
+            return counts
+
+    @database_errors
     async def list_requests(
         self,
         *,
@@ -458,10 +532,13 @@ class Store:
         cancelled = await conn.execute(
             text(
                 f"UPDATE commands SET state = 'cancelled', finished_at = now(), "
-                f"error_message = :reason WHERE {condition} AND state = ANY(:from)"
+                f"error_message = :reason WHERE {condition} AND state = ANY(:from) "
+                f"RETURNING {_MOVED}"
             ),
             {**params, "reason": reason, "from": _states(lifecycle.sources(Event.CANCEL))},
         )
+        cancelled_rows = cancelled.all()
+        _log_moved(cancelled_rows, CommandState.CANCELLED, reason)
         stopping = await conn.execute(
             text(
                 f"UPDATE commands SET stop_requested = true, error_message = :reason "
@@ -469,7 +546,7 @@ class Store:
             ),
             {**params, "reason": reason},
         )
-        return cancelled.rowcount, stopping.rowcount
+        return len(cancelled_rows), stopping.rowcount
 
     @database_errors
     async def list_agents(self, *, service_name: str | None, online_only: bool) -> list[AgentView]:
@@ -660,12 +737,14 @@ class Store:
                         AS v(agent_id, session_id)
                     WHERE m.agent_id = v.agent_id AND m.session_id = v.session_id
                       AND m.state = ANY(:from)
-                    RETURNING m.agent_id
+                    RETURNING m.command_id, m.request_id, m.agent_id
                     """
                 ),
                 params,
             )
-            for payload in _chunked_payloads("a", sorted({row.agent_id for row in requeued})):
+            requeued_rows = requeued.all()
+            _log_moved(requeued_rows, CommandState.PENDING, "stream closed before the ack")
+            for payload in _chunked_payloads("a", sorted({row.agent_id for row in requeued_rows})):
                 await self._notify(conn, payload)
         return [None] * len(closes)
 
@@ -813,7 +892,8 @@ class Store:
                          profile_requests r
                     WHERE m.command_id = v.command_id AND m.agent_id = v.agent_id
                       AND m.state = ANY(:from) AND r.request_id = m.request_id
-                    RETURNING m.command_id, m.agent_id, m.state
+                    RETURNING m.command_id, m.agent_id, m.state,
+                        extract(epoch FROM clock_timestamp() - m.created_at) AS waited
                     """
                 ),
                 {
@@ -825,7 +905,11 @@ class Store:
                     "from": _states(sources),
                 },
             )
-            moved_now = {row.command_id: (CommandState(row.state), row.agent_id) for row in moved}
+            moved_rows = moved.all()
+            moved_now = {
+                row.command_id: (CommandState(row.state), row.agent_id) for row in moved_rows
+            }
+            waited = {row.command_id: float(row.waited) for row in moved_rows}
             current = await self._owners(
                 conn, [a.command_id for a in acks if a.command_id not in moved_now]
             )
@@ -834,7 +918,11 @@ class Store:
         for ack in acks:
             checked = _owned_state(current, ack.command_id, ack.agent_id)
             if isinstance(checked, PulseError) or ack.command_id in moved_now:
-                results.append(checked if isinstance(checked, PulseError) else AckOutcome(checked))
+                results.append(
+                    checked
+                    if isinstance(checked, PulseError)
+                    else AckOutcome(checked, dispatch_seconds=waited.pop(ack.command_id, None))
+                )
             else:
                 stop = ack.accepted and checked == CommandState.CANCELLED
                 results.append(AckOutcome(state=checked, stop=stop))
@@ -999,13 +1087,16 @@ class Store:
                         LIMIT :limit FOR UPDATE SKIP LOCKED)
                     UPDATE commands m SET state = 'pending', session_id = NULL
                     FROM c WHERE m.command_id = c.command_id
+                    RETURNING m.command_id, m.request_id, m.agent_id
                     """
                 ),
                 {"timeout": ack_timeout.total_seconds(), "limit": limit},
             )
-            if result.rowcount:
+            rows = result.all()
+            _log_moved(rows, CommandState.PENDING, "no ack within the ack timeout")
+            if rows:
                 await self._notify(conn, "*")
-            return result.rowcount
+            return len(rows)
 
     async def _sweep(
         self,
@@ -1027,6 +1118,7 @@ class Store:
                         error_message = CASE WHEN m.error_message = '' THEN :reason
                             ELSE m.error_message || '; ' || :reason END
                     FROM c WHERE m.command_id = c.command_id
+                    RETURNING m.command_id, m.request_id, m.agent_id
                     """
                 ),
                 {
@@ -1037,7 +1129,9 @@ class Store:
                     "limit": limit,
                 },
             )
-            return result.rowcount
+            rows = result.all()
+            _log_moved(rows, lifecycle.target(event), reason)
+            return len(rows)
 
     @database_errors
     async def agents_with_work(
@@ -1120,6 +1214,36 @@ def _rounds_of_distinct_agents(opens: Sequence[SessionOpen]) -> list[list[int]]:
             rounds.append([])
         rounds[level].append(index)
     return rounds
+
+
+# What a state-changing UPDATE returns so that each moved command gets its log line.
+_MOVED = "command_id, request_id, agent_id"
+
+
+def _log_moved(rows: Sequence[Row[Any]], state: CommandState, reason: str) -> None:
+    """One INFO line per command a statement moved (sweeps, cancels, re-queues)."""
+    for row in rows:
+        log.info(
+            "command %s of request %s -> %s: %s",
+            row.command_id,
+            row.request_id,
+            state,
+            reason,
+            extra={
+                "command_id": str(row.command_id),
+                "request_id": str(row.request_id),
+                **({"agent_id": row.agent_id} if row.agent_id else {}),
+            },
+        )
+
+
+def _candidate(row: Row[Any]) -> Candidate:
+    return Candidate(
+        hostname=row.hostname,
+        agent_id=row.agent_id,
+        online=bool(row.online),
+        supported_modes=tuple(ProfilingMode(m) for m in row.supported_modes),
+    )
 
 
 def _uuid_or_none(value: str) -> uuid.UUID | None:

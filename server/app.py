@@ -27,8 +27,10 @@ from pulse.v1 import agent_service_pb2_grpc as apb_grpc
 from pulse.v1 import profiling_service_pb2_grpc as ppb_grpc
 from server.gcstats import GcPauses
 from server.hub import Hub, HubSettings
+from server.metrics import ServerMetrics
 from server.servicers import AgentServicer, ProfilingServicer
 from server.sessions import CloseReason
+from server.watch import RequestWatch
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ class ServerConfig:
     migrate: bool = True
     # When set, a JSON snapshot of the server's counters is written here every second.
     stats_file: Path | None = None
+    # host:port of the Prometheus endpoint; None: no endpoint and no RPC interceptor.
+    metrics_listen: str | None = None
 
     def hub_settings(self) -> HubSettings:
         return HubSettings(
@@ -118,6 +122,8 @@ class PulseServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.metrics = ServerMetrics()
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._listener_task: asyncio.Task[None] | None = None
@@ -140,11 +146,21 @@ class PulseServer:
         )
         self.hub = Hub(self.store, config.hub_settings())
         self.hub.start()
-        self.listener = Listener(url, self.hub.on_notify, self._after_listen)
+        self.watch = RequestWatch(self.store)
+        self.listener = Listener(url, self._on_notify, self._after_listen)
         self._listener_task = asyncio.create_task(self.listener.run(), name="listen")
 
-        server = grpc.aio.server(options=config.grpc_options())
-        ppb_grpc.add_ProfilingServiceServicer_to_server(ProfilingServicer(self.store), server)
+        interceptors = []
+        if config.metrics_listen:
+            self.hub.metrics = self.metrics
+            self.metrics.bind(
+                self.hub, self.store, self.engine, self.watch, asyncio.get_running_loop()
+            )
+            interceptors.append(self.metrics.interceptor())
+        server = grpc.aio.server(options=config.grpc_options(), interceptors=interceptors)
+        ppb_grpc.add_ProfilingServiceServicer_to_server(
+            ProfilingServicer(self.store, self.watch), server
+        )
         apb_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.hub), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -155,6 +171,8 @@ class PulseServer:
             raise RuntimeError(f"cannot listen on {config.listen}")
         await server.start()
         self._server = server
+        if config.metrics_listen:
+            self.metrics_port = self.metrics.serve(config.metrics_listen)
         await self._set_serving(True)
         if config.stats_file is not None:
             self.gc_pauses.install()
@@ -197,6 +215,12 @@ class PulseServer:
             tmp.replace(path)
             await asyncio.sleep(1.0)
 
+    def _on_notify(self, payload: str) -> None:
+        if self.hub.metrics is not None:
+            self.hub.metrics.notified(payload)
+        self.hub.on_notify(payload)
+        self.watch.wake(payload)
+
     async def _after_listen(self) -> None:
         """Notifications may have been missed while the LISTEN connection was down: catch up."""
         await self.hub.sweep()
@@ -225,6 +249,7 @@ class PulseServer:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         await self.hub.stop()
+        self.metrics.stop()
         await self.engine.dispose()
         self._stopped.set()
 

@@ -13,6 +13,7 @@ from pulse.v1 import profiling_service_pb2 as ppb
 from server import validation
 from server.domain import (
     AgentView,
+    Candidate,
     CommandToSend,
     Completion,
     Hello,
@@ -25,6 +26,7 @@ from server.domain import (
     Target,
 )
 from server.lifecycle import CommandState, RequestState
+from server.preview import Verdict
 from server.sessions import DrainRequest, Outbound, StopRequest
 
 MODE_TO_PROTO = {
@@ -161,6 +163,17 @@ def agent_to_proto(view: AgentView) -> ppb.Agent:
         connect_time=timestamp(view.connected_at),
         running_command_ids=[str(c) for c in view.running_command_ids],
         server_id=view.server_id or "",
+    )
+
+
+def dry_run_target_to_proto(candidate: Candidate, verdict: Verdict) -> ppb.DryRunTarget:
+    return ppb.DryRunTarget(
+        hostname=candidate.hostname,
+        agent_id=candidate.agent_id or "",
+        online=candidate.online,
+        supported_modes=[MODE_TO_PROTO[m] for m in candidate.supported_modes],
+        would_reject=verdict.would_reject,
+        reason=verdict.reason,
     )
 
 

@@ -14,6 +14,7 @@ import time
 
 from db.store import Store
 from server.domain import ClaimFor, Unavailable
+from server.logs import ids
 from server.sessions import AgentSession, StopRequest
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,11 @@ class Dispatcher:
                     command.command_id,
                     command.request_id,
                     agent_id,
+                    extra=ids(
+                        request_id=command.request_id,
+                        command_id=command.command_id,
+                        agent_id=agent_id,
+                    ),
                 )
                 if session.push(command):
                     self.pushed += 1

@@ -225,6 +225,8 @@ class AckOutcome:
 
     state: CommandState | None
     stop: bool = False
+    # Seconds from submit to this ack, when the ack moved the command (for the latency metric).
+    dispatch_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -237,3 +239,13 @@ class StopResult:
 class Page:
     requests: tuple[RequestView, ...]
     next_token: str = ""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A target a dry-run submit resolved: the host, and the agent known there (if any)."""
+
+    hostname: str
+    agent_id: str | None
+    online: bool
+    supported_modes: tuple[ProfilingMode, ...]

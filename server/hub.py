@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from db.store import Store
 from server.batching import Batcher
@@ -33,7 +34,11 @@ from server.domain import (
 )
 from server.lifecycle import TERMINAL, CommandState
 from server.liveness import HeartbeatBatcher
+from server.logs import ids
 from server.sessions import AgentSession, CloseReason, DrainRequest, SessionRegistry, StopRequest
+
+if TYPE_CHECKING:
+    from server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,8 @@ class Hub:
         self._tasks: list[asyncio.Task[None]] = []
         self._wakeups: set[asyncio.Task[None]] = set()
         self.sweeps = 0
+        self.sweep_wakeups = 0  # sessions a sweep found work for
+        self.metrics: ServerMetrics | None = None
         self.draining = False
 
     # --- life of the hub ------------------------------------------------------------------------
@@ -134,12 +141,17 @@ class Hub:
             hello.hostname,
             hello.service_name,
             session.session_id,
+            extra=ids(agent_id=hello.agent_id, session_id=session.session_id),
         )
         self.dispatcher.wake(session)
         return session
 
     def heartbeat(self, session: AgentSession) -> None:
         session.last_seen = self.heartbeats.touch(session.agent_id, session.session_id)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "heartbeat from agent %s", session.agent_id, extra=ids(agent_id=session.agent_id)
+            )
 
     async def ack(
         self, session: AgentSession, command_id: uuid.UUID, accepted: bool, reason: str
@@ -152,7 +164,10 @@ class Hub:
             "accepted" if accepted else f"rejected ({reason})",
             command_id,
             outcome.state,
+            extra=ids(agent_id=session.agent_id, command_id=command_id),
         )
+        if self.metrics is not None:
+            self.metrics.acked(outcome)
         if outcome.stop:
             session.push(StopRequest(command_id, "cancelled before it started"))
         if outcome.state in TERMINAL:
@@ -186,6 +201,7 @@ class Hub:
             session.agent_id,
             session.session_id,
             session.close_reason,
+            extra=ids(agent_id=session.agent_id, session_id=session.session_id),
         )
         await self.closes.submit(
             SessionClose(session.agent_id, session.session_id, session.last_seen)
@@ -255,6 +271,7 @@ class Hub:
         if len(self.sessions):
             agents, hosts = await self.store.agents_with_work()
             for session in self.sessions.matching(agents, hosts):
+                self.sweep_wakeups += 1
                 self.dispatcher.wake(session)
         self.sweeps += 1
 

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from db import migrate
 from db.engine import DATABASE_URL_ENV, create_engine
+from server import logs
 from server.app import PulseServer, ServerConfig, resolve_database_url
+from server.metrics import parse_listen
 
 log = logging.getLogger("pulse.server")
 
@@ -25,6 +27,14 @@ def _seconds(value: str) -> timedelta:
     if seconds <= 0:
         raise argparse.ArgumentTypeError("must be positive")
     return timedelta(seconds=seconds)
+
+
+def _metrics_listen(value: str) -> str:
+    try:
+        parse_listen(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -98,7 +108,15 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         help="write a JSON snapshot of the server's counters here every second",
     )
+    p.add_argument(
+        "--metrics-listen",
+        type=_metrics_listen,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP here, e.g. 127.0.0.1:9464 (default: off)",
+    )
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", choices=logs.FORMATS, default="text", help="default %(default)s")
     sub = p.add_subparsers(dest="command")
     db = sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_command", required=True)
@@ -122,6 +140,7 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         max_heartbeat_rate=args.max_heartbeat_rate,
         stats_file=args.stats_file,
         db_pool_size=args.db_pool_size,
+        metrics_listen=args.metrics_listen,
     )
     if args.server_id:
         config.server_id = args.server_id
@@ -163,11 +182,7 @@ async def serve(config: ServerConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(args.log_level, args.log_format)
     config = config_from(args)
     if args.command == "db":
         asyncio.run(upgrade(config))

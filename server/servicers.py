@@ -15,7 +15,7 @@ from pulse.v1 import agent_service_pb2 as apb
 from pulse.v1 import agent_service_pb2_grpc as apb_grpc
 from pulse.v1 import profiling_service_pb2 as ppb
 from pulse.v1 import profiling_service_pb2_grpc as ppb_grpc
-from server import convert, validation
+from server import convert, preview, validation
 from server.domain import (
     FailedPrecondition,
     InvalidArgument,
@@ -26,7 +26,9 @@ from server.domain import (
     Unavailable,
 )
 from server.hub import Hub
+from server.logs import ids
 from server.sessions import AgentSession, CloseReason
+from server.watch import RequestWatch
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +67,16 @@ def unary(handler: Handler[_R]) -> Handler[_R]:
 
 
 class ProfilingServicer(ppb_grpc.ProfilingServiceServicer):
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, watch: RequestWatch | None = None) -> None:
         self._store = store
+        self._watch = watch or RequestWatch(store)
 
     @unary
     async def SubmitProfileRequest(
         self, request: ppb.SubmitProfileRequestRequest, context: grpc.aio.ServicerContext
     ) -> ppb.SubmitProfileRequestResponse:
+        if request.dry_run:
+            return await self._dry_run(request)
         result = await self._store.submit(convert.submit_from_proto(request))
         log.info(
             "request %s for service %s: %d targets%s",
@@ -79,6 +84,7 @@ class ProfilingServicer(ppb_grpc.ProfilingServiceServicer):
             request.service_name,
             len(result.targets),
             " (deduplicated)" if result.deduplicated else "",
+            extra=ids(request_id=result.request_id),
         )
         return ppb.SubmitProfileRequestResponse(
             request_id=str(result.request_id),
@@ -118,7 +124,7 @@ class ProfilingServicer(ppb_grpc.ProfilingServiceServicer):
     ) -> ppb.CancelProfileRequestResponse:
         request_id = validation.uuid_field(request.request_id, "request_id")
         view = await self._store.cancel_request(request_id)
-        log.info("request %s cancelled", request_id)
+        log.info("request %s cancelled", request_id, extra=ids(request_id=request_id))
         return ppb.CancelProfileRequestResponse(request=convert.request_to_proto(view))
 
     @unary
@@ -148,6 +154,30 @@ class ProfilingServicer(ppb_grpc.ProfilingServiceServicer):
             service_name=service, online_only=request.online_only
         )
         return ppb.ListAgentsResponse(agents=[convert.agent_to_proto(a) for a in agents])
+
+    async def _dry_run(
+        self, request: ppb.SubmitProfileRequestRequest
+    ) -> ppb.SubmitProfileRequestResponse:
+        submit = convert.submit_from_proto(request)
+        candidates = await self._store.preview_targets(submit)
+        return ppb.SubmitProfileRequestResponse(
+            dry_run_targets=[
+                convert.dry_run_target_to_proto(
+                    c, preview.verdict(c, submit.spec, submit.ttl_seconds)
+                )
+                for c in candidates
+            ]
+        )
+
+    async def WatchProfileRequest(
+        self, request: ppb.WatchProfileRequestRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ppb.WatchProfileRequestResponse]:
+        try:
+            request_id = validation.uuid_field(request.request_id, "request_id")
+            async for view in self._watch.follow(request_id):
+                yield ppb.WatchProfileRequestResponse(request=convert.request_to_proto(view))
+        except PulseError as error:
+            await context.abort(status_of(error), str(error))
 
 
 class AgentServicer(apb_grpc.AgentServiceServicer):
@@ -243,5 +273,8 @@ class AgentServicer(apb_grpc.AgentServiceServicer):
             completion.command_id,
             completion.outcome,
             state,
+            extra=ids(agent_id=completion.agent_id, command_id=completion.command_id),
         )
+        if self._hub.metrics is not None and state.value == completion.outcome.value:
+            self._hub.metrics.completed(completion)
         return apb.ReportCommandCompletionResponse(command_state=convert.STATE_TO_PROTO[state])

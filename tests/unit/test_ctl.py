@@ -29,12 +29,12 @@ FAST_POLL = ["--poll-interval", "0.01"]
 class Cli:
     """One `run(argv)` in a background thread; the test plays the server."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], err: io.StringIO | None = None) -> None:
         self.channel = grpc_testing.channel(
             ppb.DESCRIPTOR.services_by_name.values(), grpc_testing.strict_real_time()
         )
         self.out = io.StringIO()
-        self.err = io.StringIO()
+        self.err = err if err is not None else io.StringIO()
         self.code: int | None = None
         self._thread = threading.Thread(target=self._run, args=(argv,), daemon=True)
         self._thread.start()
@@ -47,6 +47,21 @@ class Cli:
         """Takes the next call of `method`, answers it with OK and returns what the CLI sent."""
         _, request, rpc = self.channel.take_unary_unary(SERVICE.methods_by_name[method])
         rpc.terminate(response, (), grpc.StatusCode.OK, "")
+        return request
+
+    def stream(
+        self,
+        method: str,
+        responses: list[Message],
+        code: grpc.StatusCode = grpc.StatusCode.OK,
+        details: str = "",
+    ) -> Any:
+        """Takes the next call of a server-streaming `method`, sends `responses`, then ends it
+        with `code`; returns what the CLI sent."""
+        _, request, rpc = self.channel.take_unary_stream(SERVICE.methods_by_name[method])
+        for response in responses:
+            rpc.send_response(response)
+        rpc.terminate((), code, details)
         return request
 
     def fail(self, method: str, code: grpc.StatusCode, details: str) -> Any:
@@ -102,6 +117,12 @@ def get_response(
     state: ppb.RequestState.ValueType, counts: ppb.TargetCounts, *targets: ppb.Target
 ) -> ppb.GetProfileRequestResponse:
     return ppb.GetProfileRequestResponse(request=profile_request(state, counts, *targets))
+
+
+def watch_response(
+    state: ppb.RequestState.ValueType, counts: ppb.TargetCounts
+) -> ppb.WatchProfileRequestResponse:
+    return ppb.WatchProfileRequestResponse(request=profile_request(state, counts))
 
 
 def submitted(*hosts: str) -> ppb.SubmitProfileRequestResponse:
@@ -208,30 +229,35 @@ def test_submit_marks_a_deduplicated_request() -> None:
     assert cli.out.getvalue().splitlines()[0].startswith(f"{REQUEST_ID} (deduplicated")
 
 
-def test_submit_wait_polls_until_succeeded_and_exits_0() -> None:
+def test_submit_wait_follows_the_watch_until_succeeded_and_exits_0() -> None:
     cli = Cli(["submit", "--service", "checkout", "--duration", "5", "--wait", *FAST_POLL])
     cli.answer("SubmitProfileRequest", submitted("web-1", "web-2"))
     running = ppb.TargetCounts(total=2, running=1, succeeded=1)
-    polled = [
-        cli.answer("GetProfileRequest", get_response(ppb.REQUEST_STATE_RUNNING, running)),
-        cli.answer("GetProfileRequest", get_response(ppb.REQUEST_STATE_RUNNING, running)),
-        cli.answer(
-            "GetProfileRequest",
-            get_response(
-                ppb.REQUEST_STATE_SUCCEEDED,
-                ppb.TargetCounts(total=2, succeeded=2),
-                target("web-1", cpb.COMMAND_STATE_SUCCEEDED, location="/tmp/p1.json", samples=7),
-                target("web-2", cpb.COMMAND_STATE_SUCCEEDED, location="/tmp/p2.json"),
-            ),
+    watched = cli.stream(
+        "WatchProfileRequest",
+        [
+            watch_response(ppb.REQUEST_STATE_RUNNING, running),
+            watch_response(ppb.REQUEST_STATE_RUNNING, running),
+            watch_response(ppb.REQUEST_STATE_SUCCEEDED, ppb.TargetCounts(total=2, succeeded=2)),
+        ],
+    )
+    fetched = cli.answer(
+        "GetProfileRequest",
+        get_response(
+            ppb.REQUEST_STATE_SUCCEEDED,
+            ppb.TargetCounts(total=2, succeeded=2),
+            target("web-1", cpb.COMMAND_STATE_SUCCEEDED, location="/tmp/p1.json", samples=7),
+            target("web-2", cpb.COMMAND_STATE_SUCCEEDED, location="/tmp/p2.json"),
         ),
-    ]
+    )
 
     assert cli.finish() == 0
-    assert [p.request_id for p in polled] == [REQUEST_ID] * 3
-    # One progress line per change, not per poll.
+    assert watched.request_id == REQUEST_ID
+    assert fetched.request_id == REQUEST_ID
+    # One progress line per change, not per message (stderr is not a terminal here).
     assert cli.err.getvalue().splitlines() == [
-        "RUNNING: 2 targets: 1 running, 1 succeeded",
-        "SUCCEEDED: 2 targets: 2 succeeded",
+        "[############............] 1/2 done  RUNNING  1 running, 1 succeeded",
+        "[########################] 2/2 done  SUCCEEDED  2 succeeded",
     ]
     out = cli.out.getvalue()
     assert out.splitlines()[0] == REQUEST_ID
@@ -242,9 +268,12 @@ def test_submit_wait_polls_until_succeeded_and_exits_0() -> None:
 def test_submit_wait_exits_1_when_the_request_fails() -> None:
     cli = Cli(["submit", "--service", "checkout", "--duration", "5", "--wait", *FAST_POLL])
     cli.answer("SubmitProfileRequest", submitted("web-1"))
-    cli.answer(
-        "GetProfileRequest",
-        get_response(ppb.REQUEST_STATE_PENDING, ppb.TargetCounts(total=1, pending=1)),
+    cli.stream(
+        "WatchProfileRequest",
+        [
+            watch_response(ppb.REQUEST_STATE_PENDING, ppb.TargetCounts(total=1, pending=1)),
+            watch_response(ppb.REQUEST_STATE_FAILED, ppb.TargetCounts(total=1, failed=1)),
+        ],
     )
     cli.answer(
         "GetProfileRequest",
@@ -256,7 +285,9 @@ def test_submit_wait_exits_1_when_the_request_fails() -> None:
     )
 
     assert cli.finish() == 1
-    assert cli.err.getvalue().splitlines()[-1] == "FAILED: 1 target: 1 failed"
+    assert cli.err.getvalue().splitlines()[-1] == (
+        "[########################] 1/1 done  FAILED  1 failed"
+    )
     assert "py-spy: permission denied" in cli.out.getvalue()
 
 
@@ -264,12 +295,13 @@ def test_submit_wait_json_prints_only_the_final_request() -> None:
     argv = ["-o", "json", "submit", "--service", "checkout", "--duration", "5", "--wait"]
     cli = Cli(argv + FAST_POLL)
     cli.answer("SubmitProfileRequest", submitted("web-1"))
+    final_counts = ppb.TargetCounts(total=2, succeeded=1, expired=1)
+    cli.stream(
+        "WatchProfileRequest",
+        [watch_response(ppb.REQUEST_STATE_PARTIALLY_SUCCEEDED, final_counts)],
+    )
     cli.answer(
-        "GetProfileRequest",
-        get_response(
-            ppb.REQUEST_STATE_PARTIALLY_SUCCEEDED,
-            ppb.TargetCounts(total=2, succeeded=1, expired=1),
-        ),
+        "GetProfileRequest", get_response(ppb.REQUEST_STATE_PARTIALLY_SUCCEEDED, final_counts)
     )
 
     assert cli.finish() == 1
@@ -377,7 +409,7 @@ def test_unavailable_hints_at_the_server_address() -> None:
 def test_an_error_while_waiting_exits_2() -> None:
     cli = Cli(["submit", "--service", "checkout", "--duration", "5", "--wait", *FAST_POLL])
     cli.answer("SubmitProfileRequest", submitted("web-1"))
-    cli.fail("GetProfileRequest", grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+    cli.stream("WatchProfileRequest", [], grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
 
     assert cli.finish() == 2
     assert cli.err.getvalue().splitlines()[-1].startswith("error: DEADLINE_EXCEEDED: ")
@@ -550,12 +582,12 @@ def test_agents_table_shows_online_and_offline() -> None:
     assert sent == ppb.ListAgentsRequest(service_name="checkout", online_only=True)
     lines = cli.out.getvalue().splitlines()
     assert lines[0].split() == [
-        "AGENT", "HOST", "SERVICE", "ONLINE", "LAST", "HEARTBEAT", "RUNNING", "VERSION",
+        "AGENT", "HOST", "SERVICE", "STATE", "LAST", "HEARTBEAT", "RUNNING", "VERSION",
     ]  # fmt: skip
     assert lines[1].split() == [
-        "a1", "web-1", "checkout", "yes", "2024-05-01", "12:00:00Z", "2", "0.1.0",
+        "a1", "web-1", "checkout", "online", "2024-05-01", "12:00:00Z", "c1", "+1", "0.1.0",
     ]  # fmt: skip
-    assert lines[2].split() == ["a2", "web-2", "checkout", "no", "-", "0", "-"]
+    assert lines[2].split() == ["a2", "web-2", "checkout", "offline", "-", "-", "-"]
 
 
 # --- render -----------------------------------------------------------------------------------

@@ -96,6 +96,7 @@ class SubmitProfileRequestRequest(_message.Message):
     ADDITIONAL_ARGS_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     CONTINUOUS_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
     service_name: _builtins.str
     """Required. The service whose agents are profiled (agents announce it in their hello)."""
     duration_seconds: _builtins.int
@@ -115,6 +116,11 @@ class SubmitProfileRequestRequest(_message.Message):
     continuous: _builtins.bool
     """When true each agent profiles in back-to-back sessions of duration_seconds until the request
     is cancelled (or the host is stopped).
+    """
+    dry_run: _builtins.bool
+    """When true nothing is created: the request is validated and resolved to targets exactly as it
+    would be, and the response's dry_run_targets tell which agents it would reach and which of
+    them would reject it. request_id and targets stay empty; idempotency_key is not looked up.
     """
     @_builtins.property
     def hostnames(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -144,10 +150,11 @@ class SubmitProfileRequestRequest(_message.Message):
         additional_args: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         idempotency_key: _builtins.str = ...,
         continuous: _builtins.bool = ...,
+        dry_run: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["additional_args", b"additional_args", "continuous", b"continuous", "duration_seconds", b"duration_seconds", "frequency_hz", b"frequency_hz", "hostnames", b"hostnames", "idempotency_key", b"idempotency_key", "max_hosts", b"max_hosts", "pids", b"pids", "profiling_mode", b"profiling_mode", "service_name", b"service_name", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["additional_args", b"additional_args", "continuous", b"continuous", "dry_run", b"dry_run", "duration_seconds", b"duration_seconds", "frequency_hz", b"frequency_hz", "hostnames", b"hostnames", "idempotency_key", b"idempotency_key", "max_hosts", b"max_hosts", "pids", b"pids", "profiling_mode", b"profiling_mode", "service_name", b"service_name", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -160,6 +167,7 @@ class SubmitProfileRequestResponse(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TARGETS_FIELD_NUMBER: _builtins.int
     DEDUPLICATED_FIELD_NUMBER: _builtins.int
+    DRY_RUN_TARGETS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """UUID of the request."""
     deduplicated: _builtins.bool
@@ -168,20 +176,117 @@ class SubmitProfileRequestResponse(_message.Message):
     def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Target]:
         """The resolved targets, one per agent or named host."""
 
+    @_builtins.property
+    def dry_run_targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DryRunTarget]:
+        """Filled only for a dry run: one entry per target the request would get (every matching agent,
+        before max_hosts picks its random subset).
+        """
+
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         targets: _abc.Iterable[Global___Target] | None = ...,
         deduplicated: _builtins.bool = ...,
+        dry_run_targets: _abc.Iterable[Global___DryRunTarget] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deduplicated", b"deduplicated", "request_id", b"request_id", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deduplicated", b"deduplicated", "dry_run_targets", b"dry_run_targets", "request_id", b"request_id", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitProfileRequestResponse: _TypeAlias = SubmitProfileRequestResponse  # noqa: Y015
+
+@_typing.final
+class DryRunTarget(_message.Message):
+    """What a dry-run submit found for one target."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    ONLINE_FIELD_NUMBER: _builtins.int
+    SUPPORTED_MODES_FIELD_NUMBER: _builtins.int
+    WOULD_REJECT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    hostname: _builtins.str
+    """The host that would be targeted."""
+    agent_id: _builtins.str
+    """The agent that would get the command; empty when no agent of a named host is known yet."""
+    online: _builtins.bool
+    """True when that agent holds a live stream now."""
+    would_reject: _builtins.bool
+    """True when the agent is known to refuse the request (see reason)."""
+    reason: _builtins.str
+    """Why it would be rejected, or why it would wait (e.g. the agent is offline); empty when the
+    agent is online and supports the request.
+    """
+    @_builtins.property
+    def supported_modes(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.ProfilingMode.ValueType]:
+        """Modes the agent announced in its hello (empty when no agent is known)."""
+
+    def __init__(
+        self,
+        *,
+        hostname: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        online: _builtins.bool = ...,
+        supported_modes: _abc.Iterable[_common_pb2.ProfilingMode.ValueType] | None = ...,
+        would_reject: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "hostname", b"hostname", "online", b"online", "reason", b"reason", "supported_modes", b"supported_modes", "would_reject", b"would_reject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DryRunTarget: _TypeAlias = DryRunTarget  # noqa: Y015
+
+@_typing.final
+class WatchProfileRequestRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Required, a UUID."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchProfileRequestRequest: _TypeAlias = WatchProfileRequestRequest  # noqa: Y015
+
+@_typing.final
+class WatchProfileRequestResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def request(self) -> Global___ProfileRequest:
+        """The request's current state and counts. Targets are left empty: fetch them with
+        GetProfileRequest once the stream ends.
+        """
+
+    def __init__(
+        self,
+        *,
+        request: Global___ProfileRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchProfileRequestResponse: _TypeAlias = WatchProfileRequestResponse  # noqa: Y015
 
 @_typing.final
 class GetProfileRequestRequest(_message.Message):

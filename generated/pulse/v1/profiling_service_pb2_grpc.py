@@ -65,6 +65,11 @@ class ProfilingServiceStub:
                 request_serializer=pulse_dot_v1_dot_profiling__service__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=pulse_dot_v1_dot_profiling__service__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
+        self.WatchProfileRequest = channel.unary_stream(
+                '/pulse.v1.ProfilingService/WatchProfileRequest',
+                request_serializer=pulse_dot_v1_dot_profiling__service__pb2.WatchProfileRequestRequest.SerializeToString,
+                response_deserializer=pulse_dot_v1_dot_profiling__service__pb2.WatchProfileRequestResponse.FromString,
+                _registered_method=True)
 
 
 class ProfilingServiceServicer:
@@ -118,6 +123,16 @@ class ProfilingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchProfileRequest(self, request, context):
+        """Follows one request: the first message is its current state and counts, then one message
+        each time its state or counts change; the stream ends (OK) after the message with a terminal
+        state. NOT_FOUND for an unknown id. Changes are seen within about a second, and intermediate
+        states that last less than that may be skipped (each message is a full snapshot).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProfilingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +165,11 @@ def add_ProfilingServiceServicer_to_server(servicer, server):
                     servicer.ListAgents,
                     request_deserializer=pulse_dot_v1_dot_profiling__service__pb2.ListAgentsRequest.FromString,
                     response_serializer=pulse_dot_v1_dot_profiling__service__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'WatchProfileRequest': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchProfileRequest,
+                    request_deserializer=pulse_dot_v1_dot_profiling__service__pb2.WatchProfileRequestRequest.FromString,
+                    response_serializer=pulse_dot_v1_dot_profiling__service__pb2.WatchProfileRequestResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -315,6 +335,33 @@ class ProfilingService:
             '/pulse.v1.ProfilingService/ListAgents',
             pulse_dot_v1_dot_profiling__service__pb2.ListAgentsRequest.SerializeToString,
             pulse_dot_v1_dot_profiling__service__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchProfileRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pulse.v1.ProfilingService/WatchProfileRequest',
+            pulse_dot_v1_dot_profiling__service__pb2.WatchProfileRequestRequest.SerializeToString,
+            pulse_dot_v1_dot_profiling__service__pb2.WatchProfileRequestResponse.FromString,
             options,
             channel_credentials,
             insecure,

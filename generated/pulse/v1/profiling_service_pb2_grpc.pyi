@@ -53,6 +53,12 @@ class ProfilingServiceStub:
     """
     ListAgents: _grpc.UnaryUnaryMultiCallable[_profiling_service_pb2.ListAgentsRequest, _profiling_service_pb2.ListAgentsResponse]
     """Lists known agents with their liveness and running commands."""
+    WatchProfileRequest: _grpc.UnaryStreamMultiCallable[_profiling_service_pb2.WatchProfileRequestRequest, _profiling_service_pb2.WatchProfileRequestResponse]
+    """Follows one request: the first message is its current state and counts, then one message
+    each time its state or counts change; the stream ends (OK) after the message with a terminal
+    state. NOT_FOUND for an unknown id. Changes are seen within about a second, and intermediate
+    states that last less than that may be skipped (each message is a full snapshot).
+    """
 
 @_typing.type_check_only
 class ProfilingServiceAsyncStub(ProfilingServiceStub):
@@ -79,6 +85,12 @@ class ProfilingServiceAsyncStub(ProfilingServiceStub):
     """
     ListAgents: _aio.UnaryUnaryMultiCallable[_profiling_service_pb2.ListAgentsRequest, _profiling_service_pb2.ListAgentsResponse]  # type: ignore[assignment]
     """Lists known agents with their liveness and running commands."""
+    WatchProfileRequest: _aio.UnaryStreamMultiCallable[_profiling_service_pb2.WatchProfileRequestRequest, _profiling_service_pb2.WatchProfileRequestResponse]  # type: ignore[assignment]
+    """Follows one request: the first message is its current state and counts, then one message
+    each time its state or counts change; the stream ends (OK) after the message with a terminal
+    state. NOT_FOUND for an unknown id. Changes are seen within about a second, and intermediate
+    states that last less than that may be skipped (each message is a full snapshot).
+    """
 
 class ProfilingServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operator API: ask for profiles, follow them, cancel them, see the fleet."""
@@ -138,5 +150,17 @@ class ProfilingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_profiling_service_pb2.ListAgentsResponse, _abc.Awaitable[_profiling_service_pb2.ListAgentsResponse]]:
         """Lists known agents with their liveness and running commands."""
+
+    @_abc_1.abstractmethod
+    def WatchProfileRequest(
+        self,
+        request: _profiling_service_pb2.WatchProfileRequestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_profiling_service_pb2.WatchProfileRequestResponse], _abc.AsyncIterator[_profiling_service_pb2.WatchProfileRequestResponse]]:
+        """Follows one request: the first message is its current state and counts, then one message
+        each time its state or counts change; the stream ends (OK) after the message with a terminal
+        state. NOT_FOUND for an unknown id. Changes are seen within about a second, and intermediate
+        states that last less than that may be skipped (each message is a full snapshot).
+        """
 
 def add_ProfilingServiceServicer_to_server(servicer: ProfilingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
