@@ -36,6 +36,7 @@ from bench.fleet import Fleet
 from db.engine import libpq_url, start_embedded
 from pulse.v1 import profiling_service_pb2 as ppb
 from pulse.v1 import profiling_service_pb2_grpc as ppb_grpc
+from server.gcstats import GcFreezer
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 TERMINAL = "('succeeded', 'failed', 'rejected', 'cancelled', 'expired', 'timed_out')"
@@ -295,6 +296,8 @@ class Bench:
         self.url = self.database()
         server = self.start_server(self.url)
         fleet = Fleet(self.address, self.args.agents, service="bench")
+        # The emulator holds as many streams as the server: same collector policy.
+        freezing = asyncio.create_task(GcFreezer(freeze_every=5.0, thaw_every=3600).run())
         try:
             await self.wait_serving(server)
             await self.connect(server, fleet)
@@ -314,6 +317,7 @@ class Bench:
             )
             self.results.figures["executions"] = fleet.executions()
         finally:
+            freezing.cancel()
             await fleet.stop()
             server.proc.send_signal(signal.SIGTERM)
             try:

@@ -720,10 +720,18 @@ class Store:
             await conn.execute(
                 text(
                     """
+                    WITH v AS (
+                        SELECT * FROM unnest(CAST(:agents AS text[]), CAST(:sessions AS uuid[]),
+                                             CAST(:seen AS timestamptz[]))
+                            AS v(agent_id, session_id, seen)
+                    ),
+                    locked AS MATERIALIZED (
+                        SELECT a.agent_id FROM agents a JOIN v ON a.agent_id = v.agent_id
+                        ORDER BY a.agent_id FOR UPDATE OF a
+                    )
                     UPDATE agents a SET session_id = NULL, server_id = NULL,
                         disconnected_at = now(), last_seen_at = greatest(a.last_seen_at, v.seen)
-                    FROM unnest(CAST(:agents AS text[]), CAST(:sessions AS uuid[]),
-                                CAST(:seen AS timestamptz[])) AS v(agent_id, session_id, seen)
+                    FROM v JOIN locked USING (agent_id)
                     WHERE a.agent_id = v.agent_id AND a.session_id = v.session_id
                     """
                 ),
@@ -1031,9 +1039,19 @@ class Store:
             result = await conn.execute(
                 text(
                     """
+                    WITH v AS (
+                        SELECT * FROM unnest(CAST(:agents AS text[]), CAST(:sessions AS uuid[]),
+                                             CAST(:seen AS timestamptz[]))
+                            AS v(agent_id, session_id, seen)
+                    ),
+                    locked AS MATERIALIZED (
+                        -- Rows are locked in agent order, like every multi-agent statement,
+                        -- so that batches from several servers never deadlock.
+                        SELECT a.agent_id FROM agents a JOIN v ON a.agent_id = v.agent_id
+                        ORDER BY a.agent_id FOR UPDATE OF a
+                    )
                     UPDATE agents a SET last_seen_at = v.seen
-                    FROM unnest(CAST(:agents AS text[]), CAST(:sessions AS uuid[]),
-                                CAST(:seen AS timestamptz[])) AS v(agent_id, session_id, seen)
+                    FROM v JOIN locked USING (agent_id)
                     WHERE a.agent_id = v.agent_id AND a.session_id = v.session_id
                       AND a.last_seen_at < v.seen
                     """
@@ -1146,8 +1164,12 @@ class Store:
             rows = await conn.execute(
                 text(
                     f"""
-                    SELECT DISTINCT agent_id, service_name, hostname FROM commands
-                    WHERE ((state = 'pending' AND expires_at > now())
+                    SELECT DISTINCT agent_id, service_name, hostname FROM commands c
+                    WHERE ((state = 'pending' AND expires_at > now()
+                            -- an agent busy with another command is woken when it finishes
+                            AND NOT EXISTS (SELECT 1 FROM commands b
+                                            WHERE b.agent_id = c.agent_id
+                                              AND b.state IN ('sent', 'running')))
                            OR (state = 'running' AND stop_requested AND stop_sent_at IS NULL))
                     {scope}
                     """

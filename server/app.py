@@ -68,6 +68,9 @@ class ServerConfig:
     migrate: bool = True
     # When set, a JSON snapshot of the server's counters is written here every second.
     stats_file: Path | None = None
+    # pulse-server freezes the collector's objects this often and thaws them this often.
+    gc_freeze_interval: timedelta = timedelta(seconds=10)
+    gc_thaw_interval: timedelta = timedelta(seconds=600)
     # host:port of the Prometheus endpoint; None: no endpoint and no RPC interceptor.
     metrics_listen: str | None = None
 

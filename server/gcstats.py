@@ -1,7 +1,9 @@
-"""Garbage-collector pauses, measured with gc.callbacks (full collections stall the event loop)."""
+"""Garbage collection in a long-lived server: pause measurements (gc.callbacks) and periodic
+freezing, because full collections over thousands of streams stall the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 from typing import Any
@@ -39,3 +41,33 @@ class GcPauses:
             "gc_max_young_pause_ms": round(max(self.max_pause_ms[:2]), 2),
             "gc_total_pause_ms": round(self.total_pause_ms, 1),
         }
+
+
+class GcFreezer:
+    """Keeps full collections short in a process holding thousands of long-lived streams.
+
+    Every `freeze_every` seconds, gc.freeze() moves every object alive into the permanent
+    generation (an O(1) list splice), so collections only examine objects created since. Objects
+    that die after being frozen are still freed by reference counting; only reference cycles
+    among them wait for the next thaw: every `thaw_every` seconds the permanent generation is
+    returned and collected once (one longer pause), then frozen again.
+    """
+
+    def __init__(self, freeze_every: float = 10.0, thaw_every: float = 600.0) -> None:
+        self.freeze_every = freeze_every
+        self.thaw_every = thaw_every
+        self.freezes = 0
+        self.thaws = 0
+
+    async def run(self) -> None:
+        gc.freeze()
+        last_thaw = time.monotonic()
+        while True:
+            await asyncio.sleep(self.freeze_every)
+            if time.monotonic() - last_thaw >= self.thaw_every:
+                gc.unfreeze()
+                gc.collect()
+                self.thaws += 1
+                last_thaw = time.monotonic()
+            gc.freeze()
+            self.freezes += 1

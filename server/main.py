@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import os
 import resource
@@ -17,6 +16,7 @@ from db import migrate
 from db.engine import DATABASE_URL_ENV, create_engine
 from server import logs
 from server.app import PulseServer, ServerConfig, resolve_database_url
+from server.gcstats import GcFreezer
 from server.metrics import parse_listen
 
 log = logging.getLogger("pulse.server")
@@ -101,6 +101,18 @@ def parser() -> argparse.ArgumentParser:
         help="heartbeats/s this server accepts; with more agents than rate x interval, "
         "new sessions get a longer interval (default 1000)",
     )
+    p.add_argument(
+        "--gc-freeze-interval",
+        type=_seconds,
+        default=timedelta(seconds=10),
+        help="seconds between gc.freeze() calls (default 10)",
+    )
+    p.add_argument(
+        "--gc-thaw-interval",
+        type=_seconds,
+        default=timedelta(seconds=600),
+        help="seconds between full collections of frozen objects (default 600)",
+    )
     p.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--db-pool-size", type=int, default=10)
     p.add_argument(
@@ -139,6 +151,8 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         max_message_bytes=args.max_message_bytes,
         max_heartbeat_rate=args.max_heartbeat_rate,
         stats_file=args.stats_file,
+        gc_freeze_interval=args.gc_freeze_interval,
+        gc_thaw_interval=args.gc_thaw_interval,
         db_pool_size=args.db_pool_size,
         metrics_listen=args.metrics_listen,
     )
@@ -169,7 +183,10 @@ async def serve(config: ServerConfig) -> None:
     log.info("open file limit: %d", raise_file_limit())
     server = PulseServer(config)
     await server.start()
-    gc.freeze()  # start-up objects leave the collector's generations: shorter full collections
+    freezer = GcFreezer(
+        config.gc_freeze_interval.total_seconds(), config.gc_thaw_interval.total_seconds()
+    )
+    freezing = asyncio.create_task(freezer.run(), name="gc-freeze")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -177,6 +194,7 @@ async def serve(config: ServerConfig) -> None:
     print(f"pulse-server listening on {config.listen}", flush=True)
     await stop.wait()
     log.info("shutting down")
+    freezing.cancel()
     await server.stop()
 
 
