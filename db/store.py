@@ -900,6 +900,7 @@ class Store:
                          profile_requests r
                     WHERE m.command_id = v.command_id AND m.agent_id = v.agent_id
                       AND m.state = ANY(:from) AND r.request_id = m.request_id
+                      AND (m.state <> 'pending' OR m.attempts > 0)
                     RETURNING m.command_id, m.agent_id, m.state,
                         extract(epoch FROM clock_timestamp() - m.created_at) AS waited
                     """
@@ -984,6 +985,8 @@ class Store:
                              bytes)
                     WHERE m.command_id = v.command_id AND m.agent_id = v.agent_id
                       AND m.state = ANY(:from)
+                      -- pending only if delivered before (its ack was lost)
+                      AND (m.state <> 'pending' OR m.attempts > 0)
                     RETURNING m.command_id, m.agent_id, m.state, EXISTS (
                         SELECT 1 FROM commands q WHERE q.state = 'pending'
                           AND (q.agent_id = m.agent_id

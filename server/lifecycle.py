@@ -61,6 +61,14 @@ TRANSITIONS: Mapping[tuple[CommandState, Event], CommandState] = {
     (_S.SENT, Event.COMPLETE_SUCCEEDED): _S.SUCCEEDED,
     (_S.SENT, Event.COMPLETE_FAILED): _S.FAILED,
     (_S.SENT, Event.COMPLETE_CANCELLED): _S.CANCELLED,
+    # A command re-queued because its ack was lost (or late) may still be acknowledged or
+    # completed by the agent it was delivered to: the store allows these from PENDING only when
+    # the command was delivered before (attempts > 0) to that same agent.
+    (_S.PENDING, Event.ACK_ACCEPTED): _S.RUNNING,
+    (_S.PENDING, Event.ACK_REJECTED): _S.REJECTED,
+    (_S.PENDING, Event.COMPLETE_SUCCEEDED): _S.SUCCEEDED,
+    (_S.PENDING, Event.COMPLETE_FAILED): _S.FAILED,
+    (_S.PENDING, Event.COMPLETE_CANCELLED): _S.CANCELLED,
     (_S.RUNNING, Event.COMPLETE_SUCCEEDED): _S.SUCCEEDED,
     (_S.RUNNING, Event.COMPLETE_FAILED): _S.FAILED,
     (_S.RUNNING, Event.COMPLETE_CANCELLED): _S.CANCELLED,
@@ -70,13 +78,23 @@ TRANSITIONS: Mapping[tuple[CommandState, Event], CommandState] = {
     (_S.RUNNING, Event.TIME_OUT): _S.TIMED_OUT,
 }
 
+# Transitions that only a command delivered before (to the agent sending the event) may take.
+NEEDS_DELIVERY: frozenset[tuple[CommandState, Event]] = frozenset(
+    key
+    for key in TRANSITIONS
+    if key[0] == _S.PENDING and key[1] not in (Event.DISPATCH, Event.CANCEL, Event.EXPIRE)
+)
+
 COMPLETION_EVENTS: frozenset[Event] = frozenset(
     {Event.COMPLETE_SUCCEEDED, Event.COMPLETE_FAILED, Event.COMPLETE_CANCELLED}
 )
 
 
-def next_state(state: CommandState, event: Event) -> CommandState | None:
-    """The state after `event`, or None when the event does not apply in `state`."""
+def next_state(state: CommandState, event: Event, delivered: bool = False) -> CommandState | None:
+    """The state after `event`, or None when the event does not apply in `state`. `delivered`:
+    the command was written to the stream of the agent the event comes from at least once."""
+    if (state, event) in NEEDS_DELIVERY and not delivered:
+        return None
     return TRANSITIONS.get((state, event))
 
 

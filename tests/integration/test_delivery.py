@@ -367,3 +367,46 @@ async def test_continuous_request_runs_sessions_until_cancelled(harness: Harness
     assert target.command_state == cpb.COMMAND_STATE_CANCELLED
     assert target.result.location.endswith(f"{command_id}.*.collapsed")
     assert target.result.samples >= 3 * 11
+
+
+async def test_late_ack_and_completion_of_a_requeued_command_are_kept(harness: Harness) -> None:
+    """The agent got the command, but the server saw the stream end before the ack (so the
+    command went back to pending): the agent's late ack and completion still count, and the
+    command is not sent again."""
+    server = await harness.server()
+    ops = harness.operator(server)
+    raw = RawAgent(harness.agent_stub(server))
+    await raw.connect()
+    first = await ops.SubmitProfileRequest(submit_request(duration_seconds=1))
+    command_id = (await raw.receive()).command.command_id
+    raw.close()  # the ack never made it
+    await eventually(
+        lambda: get_request(ops, first.request_id),
+        lambda r: r.targets[0].command_state == cpb.COMMAND_STATE_PENDING,
+    )
+    done = await raw.complete(command_id)  # ... but the agent ran it
+    assert done.command_state == cpb.COMMAND_STATE_SUCCEEDED
+
+    second = await ops.SubmitProfileRequest(
+        submit_request(hostnames=["host-1"], duration_seconds=1)
+    )
+    again = RawAgent(harness.agent_stub(server), raw.agent_id)
+    await again.connect()
+    other = (await again.receive_alive()).command.command_id
+    assert other == second.targets[0].command_id  # the finished one is not re-sent
+    again.close()
+    await eventually(
+        lambda: get_request(ops, second.request_id),
+        lambda r: r.targets[0].command_state == cpb.COMMAND_STATE_PENDING,
+    )
+    late = RawAgent(harness.agent_stub(server), raw.agent_id)
+    await late.connect()
+    resent = (await late.receive_alive()).command.command_id
+    assert resent == other
+    await late.ack(other)
+    running = await eventually(
+        lambda: get_request(ops, second.request_id),
+        lambda r: r.targets[0].command_state == cpb.COMMAND_STATE_RUNNING,
+    )
+    assert running.targets[0].delivery_attempts == 2
+    late.close()

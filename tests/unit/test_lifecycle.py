@@ -79,20 +79,31 @@ def test_target_of_each_event(event: Event, expected: CommandState) -> None:
 
 @pytest.mark.parametrize("event", list(Event))
 def test_sources_agree_with_next_state(event: Event) -> None:
-    from_next_state = {state for state in CommandState if next_state(state, event) is not None}
+    from_next_state = {
+        state for state in CommandState if next_state(state, event, delivered=True) is not None
+    }
     assert sources(event) == from_next_state
     assert sources(event), f"{event} applies in no state"
     for state in sources(event):
-        assert next_state(state, event) == target(event)
+        assert next_state(state, event, delivered=True) == target(event)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [Event.ACK_ACCEPTED, Event.ACK_REJECTED, *sorted(COMPLETION_EVENTS)],
+)
+def test_pending_takes_agent_events_only_once_delivered(event: Event) -> None:
+    assert next_state(S.PENDING, event) is None
+    assert next_state(S.PENDING, event, delivered=True) == target(event)
 
 
 @pytest.mark.parametrize(
     ("event", "expected"),
     [
         (Event.DISPATCH, {S.PENDING}),
-        (Event.ACK_ACCEPTED, {S.SENT}),
+        (Event.ACK_ACCEPTED, {S.PENDING, S.SENT}),
         (Event.STREAM_LOST, {S.SENT}),
-        (Event.COMPLETE_SUCCEEDED, {S.SENT, S.RUNNING}),
+        (Event.COMPLETE_SUCCEEDED, {S.PENDING, S.SENT, S.RUNNING}),
         (Event.CANCEL, {S.PENDING, S.SENT}),
         (Event.EXPIRE, {S.PENDING}),
         (Event.TIME_OUT, {S.RUNNING}),
