@@ -68,6 +68,9 @@ class AgentConfig:
     # Extra channel arguments; the fleet emulator sets a distinct one per agent so that agents
     # do not share one TCP connection.
     channel_options: list[tuple[str, Any]] = field(default_factory=list)
+    # TLS (None: plaintext). With mTLS the agent's id is its certificate's identity.
+    credentials: grpc.ChannelCredentials | None = None
+    agent_id: str = ""  # empty: the id kept in the state directory
 
 
 class SessionFailed(Exception):
@@ -85,6 +88,14 @@ def channel_options(config: AgentConfig) -> list[tuple[str, Any]]:
         ("grpc.max_reconnect_backoff_ms", int(config.max_backoff * 1000)),
         *config.channel_options,
     ]
+
+
+def _open_channel(config: AgentConfig) -> grpc.aio.Channel:
+    if config.credentials is not None:
+        return grpc.aio.secure_channel(
+            config.server, config.credentials, options=channel_options(config)
+        )
+    return grpc.aio.insecure_channel(config.server, options=channel_options(config))
 
 
 def _timestamp(seconds: float | None) -> Timestamp | None:
@@ -209,10 +220,8 @@ class AgentClient:
     ) -> None:
         self.config = config
         self.state = state
-        self.agent_id = state.agent_id()
-        self._channel = channel or grpc.aio.insecure_channel(
-            config.server, options=channel_options(config)
-        )
+        self.agent_id = config.agent_id or state.agent_id()
+        self._channel = channel or _open_channel(config)
         self._stub = apb_grpc.AgentServiceStub(self._channel)
         self.reporter = CompletionReporter(self._stub, state, self.agent_id, config)
         self.executor = executor_factory(self.reporter.submit)

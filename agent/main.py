@@ -18,6 +18,7 @@ from agent.profilers.base import Profiler
 from agent.profilers.pyspy import PySpyProfiler
 from agent.profilers.simulated import SimulatedProfiler
 from agent.state import AgentState
+from server.tls import certificate_agent_id, channel_credentials
 
 log = logging.getLogger("pulse.agent")
 
@@ -74,8 +75,26 @@ def parser() -> argparse.ArgumentParser:
         default=30.0,
         help="cap of the reconnect backoff in seconds (default 30)",
     )
+    p.add_argument("--ca", type=Path, help="CA bundle of the server's certificate; enables TLS")
+    p.add_argument("--cert", type=Path, help="agent certificate (PEM) for mTLS; names the agent")
+    p.add_argument("--key", type=Path, help="agent private key (PEM)")
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+def tls_settings(args: argparse.Namespace) -> tuple[Any, str]:
+    """Channel credentials (None: plaintext) and the agent id its certificate names ("")."""
+    if args.ca is None and args.cert is None and args.key is None:
+        return None, ""
+    if (args.cert is None) != (args.key is None):
+        raise SystemExit("pulse-agent: --cert and --key go together")
+    credentials = channel_credentials(args.ca, args.cert, args.key)
+    agent_id = ""
+    if args.cert is not None:
+        agent_id = certificate_agent_id(args.cert.read_bytes()) or ""
+        if not agent_id:
+            raise SystemExit(f"pulse-agent: {args.cert} names no agent (URI SAN or CN)")
+    return credentials, agent_id
 
 
 def resolve_ip(hostname: str) -> str:
@@ -93,6 +112,7 @@ def make_profiler(args: argparse.Namespace) -> Profiler:
 
 
 async def run(args: argparse.Namespace) -> None:
+    credentials, agent_id = tls_settings(args)
     state = AgentState(args.state_dir)
     profiler = make_profiler(args)
     config = AgentConfig(
@@ -102,6 +122,8 @@ async def run(args: argparse.Namespace) -> None:
         ip_address=args.ip_address or resolve_ip(args.hostname),
         labels=dict(args.label),
         max_backoff=args.max_backoff,
+        credentials=credentials,
+        agent_id=agent_id,
     )
 
     def executor(report: Any) -> Executor:

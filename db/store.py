@@ -33,6 +33,7 @@ from server import lifecycle
 from server.domain import (
     AckOutcome,
     AgentView,
+    AuditEvent,
     CommandToSend,
     Completion,
     FailedPrecondition,
@@ -54,6 +55,7 @@ from server.domain import (
 from server.lifecycle import CommandState, Event
 
 CHANNEL = "pulse_events"
+SYSTEM_ACTOR = "system"
 _S = CommandState
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -187,10 +189,15 @@ class Store:
         *,
         liveness_intervals: int = 3,
         completion_grace: timedelta = timedelta(seconds=30),
+        max_targets_per_request: int = 0,
+        max_concurrent_per_service: int = 0,
     ) -> None:
         self.engine = engine
         self.liveness_intervals = liveness_intervals
         self.completion_grace = completion_grace
+        # 0 = no limit.
+        self.max_targets_per_request = max_targets_per_request
+        self.max_concurrent_per_service = max_concurrent_per_service
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -200,6 +207,12 @@ class Store:
             f"({alias}.session_id IS NOT NULL AND {alias}.last_seen_at > now() - "
             f"{alias}.heartbeat_interval_ms * {int(self.liveness_intervals)} * interval '1 ms')"
         )
+
+    @staticmethod
+    async def _act_as(conn: AsyncConnection, actor: str) -> None:
+        """Name who causes this transaction's changes: the audit triggers record it
+        (transaction-local, so a pooled connection never carries it over)."""
+        await conn.execute(text("SELECT set_config('pulse.actor', :actor, true)"), {"actor": actor})
 
     @staticmethod
     async def _notify(conn: AsyncConnection, payload: str) -> None:
@@ -213,10 +226,11 @@ class Store:
     # --- operators --------------------------------------------------------------------------------
 
     @database_errors
-    async def submit(self, request: SubmitRequest) -> SubmitResult:
+    async def submit(self, request: SubmitRequest, actor: str = SYSTEM_ACTOR) -> SubmitResult:
         """Store a request and one command per resolved target; wake the servers holding them."""
         digest = fingerprint(request)
         async with self.engine.begin() as conn:
+            await self._act_as(conn, actor)
             if request.idempotency_key:
                 existing = await self._find_by_key(conn, request.idempotency_key, digest)
                 if existing is not None:
@@ -327,6 +341,14 @@ class Store:
                 )
         if 0 < request.max_hosts < len(chosen):
             chosen = random.sample(chosen, request.max_hosts)
+        cap = self.max_targets_per_request
+        if cap and len(chosen) > cap:
+            field_name = "hostnames" if request.hostnames else "max_hosts"
+            raise InvalidArgument(
+                field_name,
+                f"the request resolves to {len(chosen)} targets, more than the limit of {cap} "
+                "per request (name fewer hosts or set max_hosts)",
+            )
         return chosen
 
     async def _targets(self, conn: AsyncConnection, request_id: uuid.UUID) -> tuple[Target, ...]:
@@ -404,9 +426,10 @@ class Store:
         return Page(tuple(found), encode_page_token(*last) if last else "")
 
     @database_errors
-    async def cancel_request(self, request_id: uuid.UUID) -> RequestView:
+    async def cancel_request(self, request_id: uuid.UUID, actor: str = SYSTEM_ACTOR) -> RequestView:
         """Queued targets become cancelled; running ones get a stop."""
         async with self.engine.begin() as conn:
+            await self._act_as(conn, actor)
             found = await conn.execute(
                 text(
                     "UPDATE profile_requests SET cancelled_at = coalesce(cancelled_at, now()) "
@@ -424,7 +447,9 @@ class Store:
             return await self._get_request(conn, request_id)
 
     @database_errors
-    async def stop_profiling(self, service_name: str, hostnames: Sequence[str]) -> StopResult:
+    async def stop_profiling(
+        self, service_name: str, hostnames: Sequence[str], actor: str = SYSTEM_ACTOR
+    ) -> StopResult:
         """Cancel every queued and running command of a service, or of some of its hosts."""
         condition = "service_name = :service"
         params: dict[str, Any] = {"service": service_name}
@@ -432,6 +457,7 @@ class Store:
             condition += " AND hostname = ANY(:hosts)"
             params["hosts"] = list(hostnames)
         async with self.engine.begin() as conn:
+            await self._act_as(conn, actor)
             cancelled, stopping = await self._cancel_commands(
                 conn, condition, params, "stopped by operator (host-level stop)"
             )
@@ -457,6 +483,40 @@ class Store:
             {**params, "reason": reason},
         )
         return cancelled.rowcount, stopping.rowcount
+
+    @database_errors
+    async def request_history(self, request_id: uuid.UUID) -> list[AuditEvent]:
+        """The audit trail of one request and its commands, oldest first."""
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    text("SELECT * FROM audit_events WHERE request_id = :id ORDER BY event_id"),
+                    {"id": request_id},
+                )
+            ).all()
+            if not rows:
+                exists = await conn.scalar(
+                    text("SELECT 1 FROM profile_requests WHERE request_id = :id"),
+                    {"id": request_id},
+                )
+                if not exists:
+                    raise NotFound(f"profile request {request_id} not found")
+        return [
+            AuditEvent(
+                event_id=row.event_id,
+                occurred_at=row.occurred_at,
+                actor=row.actor,
+                request_id=row.request_id,
+                command_id=row.command_id,
+                hostname=row.hostname,
+                agent_id=row.agent_id,
+                action=row.action,
+                from_state=row.from_state,
+                to_state=row.to_state,
+                detail=row.detail,
+            )
+            for row in rows
+        ]
 
     @database_errors
     async def list_agents(self, *, service_name: str | None, online_only: bool) -> list[AgentView]:
@@ -508,6 +568,7 @@ class Store:
         the agent says it runs that were cancelled meanwhile (the caller stops them).
         """
         async with self.engine.begin() as conn:
+            await self._act_as(conn, agent_actor(hello.agent_id))
             await conn.execute(
                 text(
                     """
@@ -623,6 +684,9 @@ class Store:
                 {"agent": agent_id},
             )
             stop_ids = [row.command_id for row in stops]
+            budget = await self._service_budget(conn, service_name, limit)
+            if budget == 0:
+                return [], stop_ids  # the service is at its cap: wait for a running one to end
             rows = await conn.execute(
                 text(
                     """
@@ -651,7 +715,7 @@ class Store:
                     "session": session_id,
                     "service": service_name,
                     "hostname": hostname,
-                    "limit": limit,
+                    "limit": budget,
                 },
             )
             commands = [
@@ -665,6 +729,27 @@ class Store:
             ]
         return commands, stop_ids
 
+    async def _service_budget(self, conn: AsyncConnection, service_name: str, limit: int) -> int:
+        """How many commands a claim may hand out under --max-concurrent-per-service.
+
+        The per-service advisory lock serialises the count-then-claim of every claim for this
+        service across servers, so concurrent claims cannot overshoot the cap."""
+        cap = self.max_concurrent_per_service
+        if not cap:
+            return limit
+        await conn.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext('pulse.service:' || :service))"),
+            {"service": service_name},
+        )
+        busy = await conn.scalar(
+            text(
+                "SELECT count(*) FROM commands WHERE service_name = :service "
+                "AND state IN ('sent', 'running')"
+            ),
+            {"service": service_name},
+        )
+        return max(0, min(limit, cap - int(busy or 0)))
+
     @database_errors
     async def record_ack(
         self, agent_id: str, command_id: uuid.UUID, accepted: bool, reason: str
@@ -672,6 +757,7 @@ class Store:
         """sent -> running (accepted) or rejected. A repeat, or an ack for a command that moved on
         meanwhile, changes nothing; an accepted ack of a cancelled command asks for a stop."""
         async with self.engine.begin() as conn:
+            await self._act_as(conn, agent_actor(agent_id))
             if accepted:
                 moved = await conn.execute(
                     text(
@@ -734,6 +820,7 @@ class Store:
         """Record the agent's outcome once; a repeat returns the state recorded first."""
         event = lifecycle.completion_event(completion.outcome.value)
         async with self.engine.begin() as conn:
+            await self._act_as(conn, agent_actor(completion.agent_id))
             moved = await conn.execute(
                 text(
                     """
@@ -743,7 +830,7 @@ class Store:
                         result_location = :location, result_samples = :samples,
                         result_bytes = :bytes
                     WHERE command_id = :id AND agent_id = :agent AND state = ANY(:from)
-                    RETURNING state
+                    RETURNING state, service_name
                     """
                 ),
                 {
@@ -761,6 +848,9 @@ class Store:
             row = moved.first()
             if row is not None:
                 await self._notify(conn, f"a:{completion.agent_id}")
+                if self.max_concurrent_per_service:
+                    # A slot of the service's budget is free: other agents may be waiting.
+                    await self._notify(conn, f"v:{row.service_name}")
                 return CommandState(row.state)
             current = await self._command_owner(conn, completion.command_id, completion.agent_id)
             if current == CommandState.PENDING:
@@ -903,6 +993,10 @@ class Store:
                 else:
                     agents.add(row.agent_id)
             return agents, hosts
+
+
+def agent_actor(agent_id: str) -> str:
+    return f"agent:{agent_id}"
 
 
 def _uuid_or_none(value: str) -> uuid.UUID | None:

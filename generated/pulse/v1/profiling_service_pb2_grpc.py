@@ -65,6 +65,11 @@ class ProfilingServiceStub:
                 request_serializer=pulse_dot_v1_dot_profiling__service__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=pulse_dot_v1_dot_profiling__service__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
+        self.GetRequestHistory = channel.unary_unary(
+                '/pulse.v1.ProfilingService/GetRequestHistory',
+                request_serializer=pulse_dot_v1_dot_profiling__service__pb2.GetRequestHistoryRequest.SerializeToString,
+                response_deserializer=pulse_dot_v1_dot_profiling__service__pb2.GetRequestHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class ProfilingServiceServicer:
@@ -118,6 +123,14 @@ class ProfilingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRequestHistory(self, request, context):
+        """Returns the audit trail of one request: every state change of the request and of its
+        commands, oldest first, with who caused it. NOT_FOUND for an unknown id. Role: viewer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProfilingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +163,11 @@ def add_ProfilingServiceServicer_to_server(servicer, server):
                     servicer.ListAgents,
                     request_deserializer=pulse_dot_v1_dot_profiling__service__pb2.ListAgentsRequest.FromString,
                     response_serializer=pulse_dot_v1_dot_profiling__service__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'GetRequestHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRequestHistory,
+                    request_deserializer=pulse_dot_v1_dot_profiling__service__pb2.GetRequestHistoryRequest.FromString,
+                    response_serializer=pulse_dot_v1_dot_profiling__service__pb2.GetRequestHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -315,6 +333,33 @@ class ProfilingService:
             '/pulse.v1.ProfilingService/ListAgents',
             pulse_dot_v1_dot_profiling__service__pb2.ListAgentsRequest.SerializeToString,
             pulse_dot_v1_dot_profiling__service__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRequestHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pulse.v1.ProfilingService/GetRequestHistory',
+            pulse_dot_v1_dot_profiling__service__pb2.GetRequestHistoryRequest.SerializeToString,
+            pulse_dot_v1_dot_profiling__service__pb2.GetRequestHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,10 @@ class ProfilingServiceStub:
     """
     ListAgents: _grpc.UnaryUnaryMultiCallable[_profiling_service_pb2.ListAgentsRequest, _profiling_service_pb2.ListAgentsResponse]
     """Lists known agents with their liveness and running commands."""
+    GetRequestHistory: _grpc.UnaryUnaryMultiCallable[_profiling_service_pb2.GetRequestHistoryRequest, _profiling_service_pb2.GetRequestHistoryResponse]
+    """Returns the audit trail of one request: every state change of the request and of its
+    commands, oldest first, with who caused it. NOT_FOUND for an unknown id. Role: viewer.
+    """
 
 @_typing.type_check_only
 class ProfilingServiceAsyncStub(ProfilingServiceStub):
@@ -79,6 +83,10 @@ class ProfilingServiceAsyncStub(ProfilingServiceStub):
     """
     ListAgents: _aio.UnaryUnaryMultiCallable[_profiling_service_pb2.ListAgentsRequest, _profiling_service_pb2.ListAgentsResponse]  # type: ignore[assignment]
     """Lists known agents with their liveness and running commands."""
+    GetRequestHistory: _aio.UnaryUnaryMultiCallable[_profiling_service_pb2.GetRequestHistoryRequest, _profiling_service_pb2.GetRequestHistoryResponse]  # type: ignore[assignment]
+    """Returns the audit trail of one request: every state change of the request and of its
+    commands, oldest first, with who caused it. NOT_FOUND for an unknown id. Role: viewer.
+    """
 
 class ProfilingServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operator API: ask for profiles, follow them, cancel them, see the fleet."""
@@ -138,5 +146,15 @@ class ProfilingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_profiling_service_pb2.ListAgentsResponse, _abc.Awaitable[_profiling_service_pb2.ListAgentsResponse]]:
         """Lists known agents with their liveness and running commands."""
+
+    @_abc_1.abstractmethod
+    def GetRequestHistory(
+        self,
+        request: _profiling_service_pb2.GetRequestHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profiling_service_pb2.GetRequestHistoryResponse, _abc.Awaitable[_profiling_service_pb2.GetRequestHistoryResponse]]:
+        """Returns the audit trail of one request: every state change of the request and of its
+        commands, oldest first, with who caused it. NOT_FOUND for an unknown id. Role: viewer.
+        """
 
 def add_ProfilingServiceServicer_to_server(servicer: ProfilingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,91 @@
+-- Audit trail: every state change of requests and commands, with who caused it and when.
+--
+-- Rows are written by triggers, in the transaction of the change itself, so no change can be
+-- committed without its audit row. The actor is the transaction-local setting `pulse.actor`
+-- (`SELECT set_config('pulse.actor', 'operator:alice', true)`), set by the store from the
+-- authenticated caller; a change made without one (sweeps, dispatch) is recorded as `system`.
+-- The table is append-only: UPDATE, DELETE and TRUNCATE are refused by triggers.
+
+CREATE TABLE audit_events (
+    event_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    occurred_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    actor text NOT NULL,
+    request_id uuid NOT NULL,
+    -- NULL for request-level events.
+    command_id uuid,
+    hostname text NOT NULL DEFAULT '',
+    agent_id text NOT NULL DEFAULT '',
+    -- submitted | cancelled (requests); created | state_changed | stop_requested (commands).
+    action text NOT NULL,
+    from_state text NOT NULL DEFAULT '',
+    to_state text NOT NULL DEFAULT '',
+    detail text NOT NULL DEFAULT ''
+);
+CREATE INDEX audit_events_request ON audit_events (request_id, event_id);
+
+CREATE FUNCTION pulse_actor() RETURNS text LANGUAGE sql STABLE AS $$
+    SELECT coalesce(nullif(current_setting('pulse.actor', true), ''), 'system')
+$$;
+
+CREATE FUNCTION audit_profile_requests() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO audit_events (actor, request_id, action, detail)
+        VALUES (pulse_actor(), NEW.request_id, 'submitted', 'service ' || NEW.service_name);
+    ELSIF NEW.cancelled_at IS DISTINCT FROM OLD.cancelled_at THEN
+        INSERT INTO audit_events (actor, request_id, action)
+        VALUES (pulse_actor(), NEW.request_id, 'cancelled');
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER profile_requests_audit
+    AFTER INSERT OR UPDATE OF cancelled_at ON profile_requests
+    FOR EACH ROW EXECUTE FUNCTION audit_profile_requests();
+
+CREATE FUNCTION audit_commands() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO audit_events (actor, request_id, command_id, hostname, agent_id, action,
+            to_state)
+        VALUES (pulse_actor(), NEW.request_id, NEW.command_id, NEW.hostname,
+            coalesce(NEW.agent_id, ''), 'created', NEW.state);
+        RETURN NULL;
+    END IF;
+    IF NEW.state IS DISTINCT FROM OLD.state THEN
+        INSERT INTO audit_events (actor, request_id, command_id, hostname, agent_id, action,
+            from_state, to_state, detail)
+        VALUES (pulse_actor(), NEW.request_id, NEW.command_id, NEW.hostname,
+            coalesce(NEW.agent_id, ''), 'state_changed', OLD.state, NEW.state,
+            CASE WHEN NEW.state IN ('failed', 'rejected', 'cancelled', 'expired', 'timed_out')
+                 THEN NEW.error_message ELSE '' END);
+    END IF;
+    IF NEW.stop_requested AND NOT OLD.stop_requested THEN
+        INSERT INTO audit_events (actor, request_id, command_id, hostname, agent_id, action,
+            from_state, to_state, detail)
+        VALUES (pulse_actor(), NEW.request_id, NEW.command_id, NEW.hostname,
+            coalesce(NEW.agent_id, ''), 'stop_requested', NEW.state, NEW.state,
+            NEW.error_message);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER commands_audit
+    AFTER INSERT OR UPDATE OF state, stop_requested ON commands
+    FOR EACH ROW EXECUTE FUNCTION audit_commands();
+
+CREATE FUNCTION audit_events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'audit_events is append-only (% refused)', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$;
+
+CREATE TRIGGER audit_events_no_update_delete
+    BEFORE UPDATE OR DELETE ON audit_events
+    FOR EACH ROW EXECUTE FUNCTION audit_events_append_only();
+CREATE TRIGGER audit_events_no_truncate
+    BEFORE TRUNCATE ON audit_events
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_events_append_only();
