@@ -78,8 +78,10 @@ CREATE TRIGGER commands_audit
 
 CREATE FUNCTION audit_events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    RAISE EXCEPTION 'audit_events is append-only (% refused)', TG_OP
-        USING ERRCODE = 'insufficient_privilege';
+    -- (No percent sign here: the migration runner goes through the driver's placeholders.)
+    RAISE EXCEPTION USING
+        MESSAGE = 'audit_events is append-only: ' || TG_OP || ' refused',
+        ERRCODE = 'insufficient_privilege';
 END
 $$;
 
