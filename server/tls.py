@@ -36,8 +36,9 @@ class ServerTls:
 class RotatingCertificates:
     """A certificate-config fetcher for `grpc.dynamic_ssl_server_credentials`: gRPC calls it
     before new handshakes; it re-reads the files when any of them changed on disk, so rotating
-    certificates (or the client CA) needs no restart. A half-written or unreadable set keeps the
-    previous configuration."""
+    certificates (or the client CA) needs no restart. An unreadable set, or a certificate and key
+    that do not match (one file replaced, the other not yet), keeps the previous configuration
+    until the files are consistent again."""
 
     def __init__(self, tls: ServerTls) -> None:
         self._tls = tls
@@ -53,8 +54,11 @@ class RotatingCertificates:
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
         tls = self._tls
+        cert, key = tls.cert.read_bytes(), tls.key.read_bytes()
+        if not key_matches_certificate(key, cert):
+            raise ValueError(f"{tls.key} is not the key of {tls.cert}")
         return grpc.ssl_server_certificate_configuration(
-            [(tls.key.read_bytes(), tls.cert.read_bytes())],
+            [(key, cert)],
             root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
         )
 
@@ -71,6 +75,20 @@ class RotatingCertificates:
         self.reloads += 1
         log.info("TLS certificate files changed on disk: new handshakes use them")
         return config
+
+
+def key_matches_certificate(key_pem: bytes, cert_pem: bytes) -> bool:
+    """True when the private key belongs to the first certificate of the chain."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    return bool(
+        key.public_key().public_bytes(der, spki) == cert.public_key().public_bytes(der, spki)
+    )
 
 
 def server_credentials(tls: ServerTls) -> tuple[grpc.ServerCredentials, RotatingCertificates]:

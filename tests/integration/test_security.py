@@ -258,33 +258,47 @@ async def test_an_agent_cannot_complete_a_foreign_command(
     other.close()
 
 
-async def test_server_certificate_rotates_without_a_restart(
+def _bump_mtime(*paths: Path) -> None:
+    """Make the change visible even on file systems with coarse modification times."""
+    for path in paths:
+        stamp = path.stat().st_mtime + 5
+        os.utime(path, (stamp, stamp))
+
+
+async def test_certificates_rotate_without_a_restart(
     harness: Harness, secure: SecureHarness
 ) -> None:
     pki = secure.pki
     server = await harness.server(tls=pki.tls())
-    client = pki.ca.issue("ops")
-    old = secure.operator(server, client)
-    await old.ListAgents(ppb.ListAgentsRequest())
+    old_client = pki.ca.issue("ops")
+    await secure.operator(server, old_client).ListAgents(ppb.ListAgentsRequest())
 
-    # A new server certificate from a new CA (and the client CA stays): new handshakes use it.
+    # Everything moves to a new CA: server certificate and the CA that signs clients.
     new_ca = CertificateAuthority("Rotated CA")
     rotated = new_ca.server_cert()
-    pki.server_key.write_bytes(rotated.key)
-    pki.server_cert.write_bytes(rotated.cert)
-    future = datetime.now().timestamp() + 5
-    for path in (pki.server_cert, pki.server_key):
-        os.utime(path, (future, future))
+    new_client = new_ca.issue("ops")
 
+    # Halfway (new key, old certificate): inconsistent, so the old files stay in use.
+    pki.server_key.write_bytes(rotated.key)
+    _bump_mtime(pki.server_key)
+    await secure.operator(server, old_client).ListAgents(ppb.ListAgentsRequest(), timeout=10)
+    assert server.certificates is not None and server.certificates.reloads == 0
+
+    pki.server_cert.write_bytes(rotated.cert)
+    pki.ca_path.write_bytes(new_ca.pem)
+    _bump_mtime(pki.server_cert, pki.ca_path)
     fresh = ppb_grpc.ProfilingServiceStub(
-        secure.channel(server, pki.credentials(client, trust=new_ca.pem))
+        secure.channel(server, pki.credentials(new_client, trust=new_ca.pem))
     )
     await fresh.ListAgents(ppb.ListAgentsRequest(), timeout=10)
-    assert server.certificates is not None and server.certificates.reloads == 1
-    stale = ppb_grpc.ProfilingServiceStub(secure.channel(server, pki.credentials(client)))
-    assert await _code_of(stale.ListAgents(ppb.ListAgentsRequest(), timeout=10)) == (
-        Code.UNAVAILABLE
-    )
+    assert server.certificates.reloads == 1
+    stale_trust = secure.channel(server, pki.credentials(new_client))
+    stale_client = secure.channel(server, pki.credentials(old_client, trust=new_ca.pem))
+    for channel in (stale_trust, stale_client):
+        stub = ppb_grpc.ProfilingServiceStub(channel)
+        assert await _code_of(stub.ListAgents(ppb.ListAgentsRequest(), timeout=10)) == (
+            Code.UNAVAILABLE
+        )
 
 
 # --- operator tokens ----------------------------------------------------------------------------
