@@ -5,6 +5,7 @@ and that nothing changed in the store."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -328,8 +329,9 @@ def _bearer(token: str) -> tuple[tuple[str, str], ...]:
 
 
 async def test_operator_rpcs_need_a_valid_token_with_the_right_role(
-    harness: Harness, tmp_path: Path
+    harness: Harness, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     tokens = Tokens(tmp_path / "tokens.toml")
     alice = tokens.add("alice", Role.OPERATOR)
     viewer = tokens.add("vera", Role.VIEWER)
@@ -388,6 +390,9 @@ async def test_operator_rpcs_need_a_valid_token_with_the_right_role(
     assert actors[("cancelled", "")] == "operator:alice"
     assert actors[("state_changed", "cancelled")] == "operator:alice"
     assert await _count(server, "profile_requests") == 1
+    for token in (alice, viewer, expired, scoped):
+        assert token not in caplog.text
+    assert "operator:alice" in caplog.text
 
 
 async def test_a_token_added_to_the_file_works_without_a_restart(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 from contextlib import redirect_stderr, redirect_stdout
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,7 @@ from ctl import commands
 from ctl.main import build_parser, read_token
 from pulse.v1 import profiling_service_pb2 as ppb
 from server import main as server_main
-from server.app import is_loopback
+from server.app import ServerConfig, is_loopback, warn_about_security
 from server.auth import (
     ANONYMOUS,
     Authorizer,
@@ -31,7 +32,7 @@ from server.auth import (
 )
 from server.domain import PermissionDenied, ResourceExhausted, Unauthenticated
 from server.ratelimit import RateLimiter
-from server.tls import agent_id_from_uris, certificate_agent_id, peer_agent_id
+from server.tls import ServerTls, agent_id_from_uris, certificate_agent_id, peer_agent_id
 from tests.certs import CertificateAuthority
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -333,3 +334,31 @@ def test_history_is_a_pulsectl_command() -> None:
     args = build_parser().parse_args(["history", "abc"])
     assert isinstance(args, argparse.Namespace)
     assert args.handler is commands.history and args.request_id == "abc"
+
+
+# --- start-up warnings --------------------------------------------------------------------------
+
+
+def _warnings(caplog: pytest.LogCaptureFixture, config: ServerConfig) -> str:
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="server.app"):
+        warn_about_security(config)
+    return caplog.text
+
+
+def test_server_warns_about_what_is_not_secured(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    local = _warnings(caplog, ServerConfig(listen="127.0.0.1:50051"))
+    assert "WITHOUT TLS" not in local and "no --tokens-file" in local
+    exposed = _warnings(caplog, ServerConfig(listen="0.0.0.0:50051"))
+    assert "WITHOUT TLS" in exposed
+    tls_only = ServerTls(tmp_path / "c", tmp_path / "k")
+    text = _warnings(caplog, ServerConfig(listen="0.0.0.0:1", tls=tls_only))
+    assert "WITHOUT TLS" not in text and "agents are not authenticated" in text
+    locked = ServerConfig(
+        listen="0.0.0.0:1",
+        tls=ServerTls(tmp_path / "c", tmp_path / "k", client_ca=tmp_path / "ca"),
+        tokens_file=tmp_path / "tokens.toml",
+    )
+    assert _warnings(caplog, locked) == ""
