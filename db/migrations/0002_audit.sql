@@ -44,37 +44,47 @@ CREATE TRIGGER profile_requests_audit
     AFTER INSERT OR UPDATE OF cancelled_at ON profile_requests
     FOR EACH ROW EXECUTE FUNCTION audit_profile_requests();
 
-CREATE FUNCTION audit_commands() RETURNS trigger LANGUAGE plpgsql AS $$
+-- Commands change in bulk (submits, claims, sweeps): statement-level triggers with transition
+-- tables write one INSERT ... SELECT per statement instead of one insert per row.
+CREATE FUNCTION audit_commands_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP = 'INSERT' THEN
-        INSERT INTO audit_events (actor, request_id, command_id, hostname, agent_id, action,
-            to_state)
-        VALUES (pulse_actor(), NEW.request_id, NEW.command_id, NEW.hostname,
-            coalesce(NEW.agent_id, ''), 'created', NEW.state);
-        RETURN NULL;
-    END IF;
-    IF NEW.state IS DISTINCT FROM OLD.state THEN
-        INSERT INTO audit_events (actor, request_id, command_id, hostname, agent_id, action,
-            from_state, to_state, detail)
-        VALUES (pulse_actor(), NEW.request_id, NEW.command_id, NEW.hostname,
-            coalesce(NEW.agent_id, ''), 'state_changed', OLD.state, NEW.state,
-            CASE WHEN NEW.state IN ('failed', 'rejected', 'cancelled', 'expired', 'timed_out')
-                 THEN NEW.error_message ELSE '' END);
-    END IF;
-    IF NEW.stop_requested AND NOT OLD.stop_requested THEN
-        INSERT INTO audit_events (actor, request_id, command_id, hostname, agent_id, action,
-            from_state, to_state, detail)
-        VALUES (pulse_actor(), NEW.request_id, NEW.command_id, NEW.hostname,
-            coalesce(NEW.agent_id, ''), 'stop_requested', NEW.state, NEW.state,
-            NEW.error_message);
-    END IF;
+    INSERT INTO audit_events (actor, request_id, command_id, hostname, agent_id, action,
+        to_state)
+    SELECT pulse_actor(), n.request_id, n.command_id, n.hostname, coalesce(n.agent_id, ''),
+        'created', n.state
+    FROM new_rows n ORDER BY n.seq;
     RETURN NULL;
 END
 $$;
 
-CREATE TRIGGER commands_audit
-    AFTER INSERT OR UPDATE OF state, stop_requested ON commands
-    FOR EACH ROW EXECUTE FUNCTION audit_commands();
+CREATE FUNCTION audit_commands_updated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO audit_events (actor, request_id, command_id, hostname, agent_id, action,
+        from_state, to_state, detail)
+    SELECT pulse_actor(), n.request_id, n.command_id, n.hostname, coalesce(n.agent_id, ''),
+        'state_changed', o.state, n.state,
+        CASE WHEN n.state IN ('failed', 'rejected', 'cancelled', 'expired', 'timed_out')
+             THEN n.error_message ELSE '' END
+    FROM new_rows n JOIN old_rows o ON o.command_id = n.command_id
+    WHERE n.state IS DISTINCT FROM o.state
+    ORDER BY n.seq;
+    INSERT INTO audit_events (actor, request_id, command_id, hostname, agent_id, action,
+        from_state, to_state, detail)
+    SELECT pulse_actor(), n.request_id, n.command_id, n.hostname, coalesce(n.agent_id, ''),
+        'stop_requested', n.state, n.state, n.error_message
+    FROM new_rows n JOIN old_rows o ON o.command_id = n.command_id
+    WHERE n.stop_requested AND NOT o.stop_requested
+    ORDER BY n.seq;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER commands_audit_insert
+    AFTER INSERT ON commands REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_commands_inserted();
+CREATE TRIGGER commands_audit_update
+    AFTER UPDATE ON commands REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_commands_updated();
 
 CREATE FUNCTION audit_events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
