@@ -627,6 +627,15 @@ class Store:
         return stops
 
     @database_errors
+    async def session_owner(self, agent_id: str) -> uuid.UUID | None:
+        """The session that holds the agent now (None: offline or unknown)."""
+        async with self.engine.connect() as conn:
+            owner: uuid.UUID | None = await conn.scalar(
+                text("SELECT session_id FROM agents WHERE agent_id = :agent"), {"agent": agent_id}
+            )
+            return owner
+
+    @database_errors
     async def close_session(
         self, agent_id: str, session_id: uuid.UUID, last_seen: datetime | None
     ) -> None:

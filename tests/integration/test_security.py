@@ -564,3 +564,22 @@ async def test_sweeps_are_recorded_as_system(harness: Harness) -> None:
     assert await _code_of(ops.GetRequestHistory(ppb.GetRequestHistoryRequest())) == (
         Code.INVALID_ARGUMENT
     )
+
+
+# --- one stream per agent identity --------------------------------------------------------------
+
+
+async def test_a_stale_session_notification_does_not_close_the_current_session(
+    harness: Harness,
+) -> None:
+    """`s:<agent>:<older session>` delivered late (after the agent reconnected here) must not
+    end the newer session: only the session the database names as owner survives."""
+    server = await harness.server()
+    ops = harness.operator(server)
+    agent = RawAgent(harness.agent_stub(server), "twin")
+    await agent.connect()
+    server.hub.on_notify(f"s:twin:{uuid.uuid4()}")
+    submitted = await ops.SubmitProfileRequest(submit_request(duration_seconds=1))
+    pushed = await agent.receive_alive()
+    assert pushed.command.command_id == submitted.targets[0].command_id
+    agent.close()
