@@ -27,6 +27,13 @@ if _version_not_supported:
 
 class ProfilingServiceStub:
     """Operator API: ask for profiles, follow them, cancel them, see the fleet.
+
+    When the server has a tokens file, every RPC needs metadata `authorization: Bearer <token>`:
+    none, an unknown or an expired token is UNAUTHENTICATED. Reading (Get, List, ListAgents,
+    GetRequestHistory) needs role viewer, changing (Submit, Cancel, StopProfiling) role operator;
+    a token limited to some services may only touch those. A missing role or service is
+    PERMISSION_DENIED. Submits beyond the per-principal rate are RESOURCE_EXHAUSTED with trailing
+    metadata `retry-after-ms`.
     """
 
     def __init__(self, channel):
@@ -74,6 +81,13 @@ class ProfilingServiceStub:
 
 class ProfilingServiceServicer:
     """Operator API: ask for profiles, follow them, cancel them, see the fleet.
+
+    When the server has a tokens file, every RPC needs metadata `authorization: Bearer <token>`:
+    none, an unknown or an expired token is UNAUTHENTICATED. Reading (Get, List, ListAgents,
+    GetRequestHistory) needs role viewer, changing (Submit, Cancel, StopProfiling) role operator;
+    a token limited to some services may only touch those. A missing role or service is
+    PERMISSION_DENIED. Submits beyond the per-principal rate are RESOURCE_EXHAUSTED with trailing
+    metadata `retry-after-ms`.
     """
 
     def SubmitProfileRequest(self, request, context):
@@ -179,6 +193,13 @@ def add_ProfilingServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ProfilingService:
     """Operator API: ask for profiles, follow them, cancel them, see the fleet.
+
+    When the server has a tokens file, every RPC needs metadata `authorization: Bearer <token>`:
+    none, an unknown or an expired token is UNAUTHENTICATED. Reading (Get, List, ListAgents,
+    GetRequestHistory) needs role viewer, changing (Submit, Cancel, StopProfiling) role operator;
+    a token limited to some services may only touch those. A missing role or service is
+    PERMISSION_DENIED. Submits beyond the per-principal rate are RESOURCE_EXHAUSTED with trailing
+    metadata `retry-after-ms`.
     """
 
     @staticmethod

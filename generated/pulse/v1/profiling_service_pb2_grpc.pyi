@@ -27,7 +27,15 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ProfilingServiceStub:
-    """Operator API: ask for profiles, follow them, cancel them, see the fleet."""
+    """Operator API: ask for profiles, follow them, cancel them, see the fleet.
+
+    When the server has a tokens file, every RPC needs metadata `authorization: Bearer <token>`:
+    none, an unknown or an expired token is UNAUTHENTICATED. Reading (Get, List, ListAgents,
+    GetRequestHistory) needs role viewer, changing (Submit, Cancel, StopProfiling) role operator;
+    a token limited to some services may only touch those. A missing role or service is
+    PERMISSION_DENIED. Submits beyond the per-principal rate are RESOURCE_EXHAUSTED with trailing
+    metadata `retry-after-ms`.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -60,7 +68,15 @@ class ProfilingServiceStub:
 
 @_typing.type_check_only
 class ProfilingServiceAsyncStub(ProfilingServiceStub):
-    """Operator API: ask for profiles, follow them, cancel them, see the fleet."""
+    """Operator API: ask for profiles, follow them, cancel them, see the fleet.
+
+    When the server has a tokens file, every RPC needs metadata `authorization: Bearer <token>`:
+    none, an unknown or an expired token is UNAUTHENTICATED. Reading (Get, List, ListAgents,
+    GetRequestHistory) needs role viewer, changing (Submit, Cancel, StopProfiling) role operator;
+    a token limited to some services may only touch those. A missing role or service is
+    PERMISSION_DENIED. Submits beyond the per-principal rate are RESOURCE_EXHAUSTED with trailing
+    metadata `retry-after-ms`.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubmitProfileRequest: _aio.UnaryUnaryMultiCallable[_profiling_service_pb2.SubmitProfileRequestRequest, _profiling_service_pb2.SubmitProfileRequestResponse]  # type: ignore[assignment]
@@ -89,7 +105,15 @@ class ProfilingServiceAsyncStub(ProfilingServiceStub):
     """
 
 class ProfilingServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Operator API: ask for profiles, follow them, cancel them, see the fleet."""
+    """Operator API: ask for profiles, follow them, cancel them, see the fleet.
+
+    When the server has a tokens file, every RPC needs metadata `authorization: Bearer <token>`:
+    none, an unknown or an expired token is UNAUTHENTICATED. Reading (Get, List, ListAgents,
+    GetRequestHistory) needs role viewer, changing (Submit, Cancel, StopProfiling) role operator;
+    a token limited to some services may only touch those. A missing role or service is
+    PERMISSION_DENIED. Submits beyond the per-principal rate are RESOURCE_EXHAUSTED with trailing
+    metadata `retry-after-ms`.
+    """
 
     @_abc_1.abstractmethod
     def SubmitProfileRequest(
