@@ -18,7 +18,7 @@ from agent.profilers.base import Profiler
 from agent.profilers.pyspy import PySpyProfiler
 from agent.profilers.simulated import SimulatedProfiler
 from agent.state import AgentState
-from server.tls import certificate_agent_id, channel_credentials
+from server.tls import ClientTls, certificate_agent_id
 
 log = logging.getLogger("pulse.agent")
 
@@ -82,19 +82,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def tls_settings(args: argparse.Namespace) -> tuple[Any, str]:
-    """Channel credentials (None: plaintext) and the agent id its certificate names ("")."""
+def tls_settings(args: argparse.Namespace) -> tuple[ClientTls | None, str]:
+    """TLS files (None: plaintext) and the agent id its certificate names ("")."""
     if args.ca is None and args.cert is None and args.key is None:
         return None, ""
-    if (args.cert is None) != (args.key is None):
-        raise SystemExit("pulse-agent: --cert and --key go together")
-    credentials = channel_credentials(args.ca, args.cert, args.key)
+    try:
+        tls = ClientTls(args.ca, args.cert, args.key)
+        tls.credentials()  # fail now on unreadable files
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"pulse-agent: {exc}") from None
     agent_id = ""
     if args.cert is not None:
         agent_id = certificate_agent_id(args.cert.read_bytes()) or ""
         if not agent_id:
             raise SystemExit(f"pulse-agent: {args.cert} names no agent (URI SAN or CN)")
-    return credentials, agent_id
+    return tls, agent_id
 
 
 def resolve_ip(hostname: str) -> str:
@@ -112,7 +114,7 @@ def make_profiler(args: argparse.Namespace) -> Profiler:
 
 
 async def run(args: argparse.Namespace) -> None:
-    credentials, agent_id = tls_settings(args)
+    tls, agent_id = tls_settings(args)
     state = AgentState(args.state_dir)
     profiler = make_profiler(args)
     config = AgentConfig(
@@ -122,7 +124,7 @@ async def run(args: argparse.Namespace) -> None:
         ip_address=args.ip_address or resolve_ip(args.hostname),
         labels=dict(args.label),
         max_backoff=args.max_backoff,
-        credentials=credentials,
+        tls=tls,
         agent_id=agent_id,
     )
 

@@ -99,17 +99,29 @@ def server_credentials(tls: ServerTls) -> tuple[grpc.ServerCredentials, Rotating
     return credentials, fetcher
 
 
-def channel_credentials(
-    ca: Path | None, cert: Path | None = None, key: Path | None = None
-) -> grpc.ChannelCredentials:
+@dataclass(frozen=True)
+class ClientTls:
     """Client side: trust `ca` (None: the system roots); present `cert`/`key` for mTLS."""
-    if (cert is None) != (key is None):
-        raise ValueError("--cert and --key go together")
-    return grpc.ssl_channel_credentials(
-        root_certificates=ca.read_bytes() if ca else None,
-        private_key=key.read_bytes() if key else None,
-        certificate_chain=cert.read_bytes() if cert else None,
-    )
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("--cert and --key go together")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes() if self.ca else None,
+            private_key=self.key.read_bytes() if self.key else None,
+            certificate_chain=self.cert.read_bytes() if self.cert else None,
+        )
+
+    def stamp(self) -> tuple[int, ...]:
+        """Modification times of the files: a change means new credentials to load."""
+        paths = (self.ca, self.cert, self.key)
+        return tuple(os.stat(p).st_mtime_ns for p in paths if p is not None)
 
 
 def agent_id_from_uris(uris: Iterable[str]) -> str | None:

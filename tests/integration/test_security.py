@@ -27,7 +27,7 @@ from pulse.v1 import profiling_service_pb2 as ppb
 from pulse.v1 import profiling_service_pb2_grpc as ppb_grpc
 from server.app import PulseServer
 from server.auth import Role, token_entry_toml
-from server.tls import ServerTls
+from server.tls import ClientTls, ServerTls, certificate_agent_id
 from tests.certs import CertificateAuthority, Pem
 from tests.integration.conftest import (
     CountingProfiler,
@@ -105,6 +105,12 @@ class SecureHarness:
     def agent_stub(self, server: PulseServer, client: Pem | None) -> apb_grpc.AgentServiceStub:
         return apb_grpc.AgentServiceStub(self.channel(server, self.pki.credentials(client)))
 
+    def agent_files(self, agent_id: str, ca: CertificateAuthority | None = None) -> ClientTls:
+        """The agent's files (CA bundle, certificate, key), as pulse-agent takes them."""
+        directory = self.pki.directory / agent_id
+        cert, key = (ca or self.pki.ca).agent_cert(agent_id).write(directory, "agent")
+        return ClientTls(self.pki.ca_path, cert, key)
+
     async def agent(
         self, server: PulseServer, agent_id: str, hostname: str
     ) -> tuple[AgentClient, CountingProfiler]:
@@ -112,14 +118,16 @@ class SecureHarness:
         h = self.harness
         profiler = CountingProfiler()
         state = AgentState(h.tmp_path / f"agent-{agent_id}")
+        tls = self.agent_files(agent_id)
+        assert tls.cert is not None
         config = AgentConfig(
             server=f"127.0.0.1:{server.port}",
             service_name="checkout",
             hostname=hostname,
             max_backoff=1.0,
             backoff_multiplier=0.1,
-            credentials=self.pki.credentials(self.pki.ca.agent_cert(agent_id)),
-            agent_id=agent_id,
+            tls=tls,
+            agent_id=certificate_agent_id(tls.cert.read_bytes()) or "",
         )
 
         def executor(report: Any) -> Executor:
@@ -300,6 +308,33 @@ async def test_certificates_rotate_without_a_restart(
         assert await _code_of(stub.ListAgents(ppb.ListAgentsRequest(), timeout=10)) == (
             Code.UNAVAILABLE
         )
+
+
+async def test_an_agent_picks_up_its_renewed_certificate_when_it_reconnects(
+    harness: Harness, secure: SecureHarness
+) -> None:
+    pki = secure.pki
+    server = await harness.server(tls=pki.tls())
+    port = server.port
+    agent, _ = await secure.agent(server, "agent-a", "web-1")
+    assert agent.sessions == 1
+
+    # The fleet moves to a new client CA: the agent's files are renewed, then the server restarts
+    # trusting only the new CA. Only a renewed certificate can get the agent back in.
+    new_ca = CertificateAuthority("New client CA")
+    renewed = secure.agent_files("agent-a", ca=new_ca)
+    assert renewed.cert is not None and renewed.key is not None
+    _bump_mtime(renewed.cert, renewed.key)
+    await server.stop()
+    harness.servers.remove(server)
+    client_ca = new_ca.write(pki.directory, "client-ca")
+    tls = ServerTls(pki.server_cert, pki.server_key, client_ca=client_ca)
+    restarted = await harness.server(tls=tls, listen=f"127.0.0.1:{port}")
+
+    await eventually(lambda: asyncio.sleep(0, agent.sessions), lambda n: n == 2, timeout=30)
+    ops = secure.operator(restarted, new_ca.issue("ops"))
+    listed = await ops.ListAgents(ppb.ListAgentsRequest(online_only=True))
+    assert [a.agent_id for a in listed.agents] == ["agent-a"]
 
 
 # --- operator tokens ----------------------------------------------------------------------------
