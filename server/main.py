@@ -15,8 +15,8 @@ from pathlib import Path
 from db import migrate
 from db.engine import DATABASE_URL_ENV, create_engine
 from server.app import PulseServer, ServerConfig, resolve_database_url
-from server.auth import Role, new_token, token_entry_toml
-from server.tls import ServerTls
+from server.auth import Role, TokenFile, TokenFileError, new_token, token_entry_toml
+from server.tls import RotatingCertificates, ServerTls
 
 TOKENS_FILE_ENV = "PULSE_TOKENS_FILE"
 
@@ -190,6 +190,20 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
     return config
 
 
+def check_security_files(config: ServerConfig) -> None:
+    """Refuse to start, with one line, on an unreadable or malformed tokens file or TLS files."""
+    try:
+        if config.tokens_file is not None:
+            TokenFile(config.tokens_file)
+    except (OSError, TokenFileError) as exc:
+        raise SystemExit(f"pulse-server: --tokens-file: {exc}") from None
+    try:
+        if config.tls is not None:
+            RotatingCertificates(config.tls)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"pulse-server: TLS files: {exc}") from None
+
+
 def create_token(args: argparse.Namespace) -> None:
     token = new_token()
     services = [s.strip() for s in args.services.split(",") if s.strip()]
@@ -238,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "db":
         asyncio.run(upgrade(config))
         return 0
+    check_security_files(config)
     asyncio.run(serve(config))
     return 0
 
