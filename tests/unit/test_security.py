@@ -367,12 +367,12 @@ def test_server_warns_about_what_is_not_secured(
 def test_server_refuses_to_start_with_bad_security_files(tmp_path: Path) -> None:
     bad_tokens = tmp_path / "tokens.toml"
     bad_tokens.write_text('[[tokens]]\nsha256 = "short"\nrole = "viewer"\n')
-    with pytest.raises(SystemExit, match="--tokens-file: .*sha256"):
+    with pytest.raises(SystemExit, match=r"--tokens-file: .*sha256"):
         server_main.check_security_files(ServerConfig(tokens_file=bad_tokens))
-    with pytest.raises(SystemExit, match="--tokens-file: .*No such file"):
+    with pytest.raises(SystemExit, match=r"--tokens-file: .*No such file"):
         server_main.check_security_files(ServerConfig(tokens_file=tmp_path / "missing"))
     ca = CertificateAuthority()
     cert, _ = ca.server_cert().write(tmp_path, "server")
     _, other_key = ca.server_cert().write(tmp_path, "other")
-    with pytest.raises(SystemExit, match="TLS files: .*is not the key of"):
+    with pytest.raises(SystemExit, match=r"TLS files: .*is not the key of"):
         server_main.check_security_files(ServerConfig(tls=ServerTls(cert, other_key)))
