@@ -29,6 +29,7 @@ from pulse.v1 import agent_service_pb2 as apb
 from pulse.v1 import agent_service_pb2_grpc as apb_grpc
 from pulse.v1 import common_pb2 as cpb
 from server.logs import ids
+from server.tls import ClientTls
 
 log = logging.getLogger("pulse.agent")
 
@@ -69,6 +70,10 @@ class AgentConfig:
     # Extra channel arguments; the fleet emulator sets a distinct one per agent so that agents
     # do not share one TCP connection.
     channel_options: list[tuple[str, Any]] = field(default_factory=list)
+    # TLS (None: plaintext). The files are re-read before a reconnect when they changed.
+    tls: ClientTls | None = None
+    # With mTLS the agent's id is its certificate's identity; empty: the id in the state dir.
+    agent_id: str = ""
 
 
 class SessionFailed(Exception):
@@ -86,6 +91,14 @@ def channel_options(config: AgentConfig) -> list[tuple[str, Any]]:
         ("grpc.max_reconnect_backoff_ms", int(config.max_backoff * 1000)),
         *config.channel_options,
     ]
+
+
+def _open_channel(config: AgentConfig) -> grpc.aio.Channel:
+    if config.tls is not None:
+        return grpc.aio.secure_channel(
+            config.server, config.tls.credentials(), options=channel_options(config)
+        )
+    return grpc.aio.insecure_channel(config.server, options=channel_options(config))
 
 
 def _timestamp(seconds: float | None) -> Timestamp | None:
@@ -149,6 +162,10 @@ class CompletionReporter:
     def submit(self, completion: dict[str, Any]) -> None:
         self._queue.put_nowait(completion)
 
+    def use(self, stub: apb_grpc.AgentServiceStub) -> None:
+        """Send from now on through `stub` (a channel with renewed certificates)."""
+        self._stub = stub
+
     async def join(self) -> None:
         """Wait until every submitted completion has been answered."""
         await self._queue.join()
@@ -211,10 +228,10 @@ class AgentClient:
     ) -> None:
         self.config = config
         self.state = state
-        self.agent_id = state.agent_id()
-        self._channel = channel or grpc.aio.insecure_channel(
-            config.server, options=channel_options(config)
-        )
+        self.agent_id = config.agent_id or state.agent_id()
+        self._channel = channel or _open_channel(config)
+        self._tls_stamp = config.tls.stamp() if config.tls and channel is None else None
+        self._old_channels: set[asyncio.Task[None]] = set()
         self._stub = apb_grpc.AgentServiceStub(self._channel)
         self.reporter = CompletionReporter(self._stub, state, self.agent_id, config)
         self.executor = executor_factory(self.reporter.submit)
@@ -289,6 +306,7 @@ class AgentClient:
     async def _session(self) -> float:
         """One stream: returns the delay before reconnecting once an established session ends;
         raises SessionFailed when it could not be established or was refused."""
+        self._reopen_if_rotated()
         call = self._stub.Heartbeat()
         outbound: asyncio.Queue[apb.HeartbeatRequest] = asyncio.Queue()
         writer = asyncio.create_task(self._write(call, outbound))
@@ -321,6 +339,29 @@ class AgentClient:
                 if task is not None:
                     task.cancel()
             call.cancel()
+
+    def _reopen_if_rotated(self) -> None:
+        """New certificate files (renewed by the operator or a cert manager): use them from the
+        next connection on. An open connection keeps going: TLS checked it when it began."""
+        tls = self.config.tls
+        if tls is None or self._tls_stamp is None:
+            return
+        try:
+            stamp = tls.stamp()
+            if stamp == self._tls_stamp:
+                return
+            channel = _open_channel(self.config)
+        except (OSError, ValueError) as exc:
+            log.warning("certificate files changed but cannot be read: %s", exc)
+            return
+        self._tls_stamp = stamp
+        old, self._channel = self._channel, channel
+        self._stub = apb_grpc.AgentServiceStub(channel)
+        self.reporter.use(self._stub)
+        closing = asyncio.create_task(old.close(grace=5.0))
+        self._old_channels.add(closing)
+        closing.add_done_callback(self._old_channels.discard)
+        log.info("certificate files changed: reconnecting with them")
 
     async def _read(
         self, call: grpc.aio.StreamStreamCall, outbound: asyncio.Queue[apb.HeartbeatRequest]

@@ -19,6 +19,7 @@ from agent.profilers.pyspy import PySpyProfiler
 from agent.profilers.simulated import SimulatedProfiler
 from agent.state import AgentState
 from server import logs
+from server.tls import ClientTls, certificate_agent_id
 
 log = logging.getLogger("pulse.agent")
 
@@ -75,9 +76,29 @@ def parser() -> argparse.ArgumentParser:
         default=30.0,
         help="cap of the reconnect backoff in seconds (default 30)",
     )
+    p.add_argument("--ca", type=Path, help="CA bundle of the server's certificate; enables TLS")
+    p.add_argument("--cert", type=Path, help="agent certificate (PEM) for mTLS; names the agent")
+    p.add_argument("--key", type=Path, help="agent private key (PEM)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-format", choices=logs.FORMATS, default="text", help="default %(default)s")
     return p
+
+
+def tls_settings(args: argparse.Namespace) -> tuple[ClientTls | None, str]:
+    """TLS files (None: plaintext) and the agent id its certificate names ("")."""
+    if args.ca is None and args.cert is None and args.key is None:
+        return None, ""
+    try:
+        tls = ClientTls(args.ca, args.cert, args.key)
+        tls.credentials()  # fail now on unreadable files
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"pulse-agent: {exc}") from None
+    agent_id = ""
+    if args.cert is not None:
+        agent_id = certificate_agent_id(args.cert.read_bytes()) or ""
+        if not agent_id:
+            raise SystemExit(f"pulse-agent: {args.cert} names no agent (URI SAN or CN)")
+    return tls, agent_id
 
 
 def resolve_ip(hostname: str) -> str:
@@ -95,6 +116,7 @@ def make_profiler(args: argparse.Namespace) -> Profiler:
 
 
 async def run(args: argparse.Namespace) -> None:
+    tls, agent_id = tls_settings(args)
     state = AgentState(args.state_dir)
     logs.stamp(agent_id=state.agent_id())  # every line of this agent carries its id
     profiler = make_profiler(args)
@@ -105,6 +127,8 @@ async def run(args: argparse.Namespace) -> None:
         ip_address=args.ip_address or resolve_ip(args.hostname),
         labels=dict(args.label),
         max_backoff=args.max_backoff,
+        tls=tls,
+        agent_id=agent_id,
     )
 
     def executor(report: Any) -> Executor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -273,3 +273,24 @@ def agents(ctx: Context, args: argparse.Namespace) -> int:
         resp.agents.extend(kept)
     ctx.emit(resp, lambda: render.agents(resp.agents))
     return EXIT_OK
+
+
+def history(ctx: Context, args: argparse.Namespace) -> int:
+    resp = ctx.stub.GetRequestHistory(
+        ppb.GetRequestHistoryRequest(request_id=args.request_id), timeout=ctx.timeout
+    )
+    ctx.emit(resp, lambda: history_text(resp.events))
+    return EXIT_OK
+
+
+def history_text(events: Iterable[ppb.AuditEvent]) -> str:
+    """One line per change: time, actor, what changed (command-level: host and states)."""
+    rows = []
+    for e in events:
+        if e.command_id:
+            what = f"{e.action} {e.hostname} {e.command_id[:8]}"
+            change = f"{e.from_state} -> {e.to_state}" if e.from_state else e.to_state
+        else:
+            what, change = f"request {e.action}", ""
+        rows.append((render.timestamp(e.time), e.actor, what, change, e.detail))
+    return render.table(("TIME", "ACTOR", "EVENT", "STATE", "DETAIL"), rows)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TextIO
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
 
 import grpc
 
@@ -13,6 +15,7 @@ from ctl import commands
 from pulse.v1 import profiling_service_pb2_grpc as ppb_grpc
 
 SERVER_ENV = "PULSE_SERVER"
+TOKEN_ENV = "PULSE_TOKEN"
 DEFAULT_SERVER = "127.0.0.1:50051"
 EXIT_RPC_ERROR = 2
 
@@ -198,6 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="deadline of each RPC (default: %(default)s)",
     )
     _add_output_option(p, default="table")
+    p.add_argument("--ca", type=Path, help="CA bundle of the server's certificate; enables TLS")
+    p.add_argument("--cert", type=Path, help="client certificate (PEM) when the server wants mTLS")
+    p.add_argument("--key", type=Path, help="client private key (PEM)")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="PATH",
+        help=f"file holding the bearer token (default: env {TOKEN_ENV})",
+    )
     subs = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_submit(subs)
     get = _subparser(subs, "get", commands.get, "show one request and its targets")
@@ -223,7 +235,59 @@ def build_parser() -> argparse.ArgumentParser:
         "--state", choices=("online", "offline"), help="only online or only offline agents"
     )
     agents.add_argument("--online", action="store_true", help="same as --state online")
+    history = _subparser(
+        subs, "history", commands.history, "audit trail of a request: who changed what, when"
+    )
+    history.add_argument("request_id", metavar="ID")
     return p
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call (unary, and the watch stream)."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), self._metadata])
+
+    def intercept_unary_unary(
+        self, continuation: Callable[[Any, Any], Any], details: Any, request: Any
+    ) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(
+        self, continuation: Callable[[Any, Any], Any], details: Any, request: Any
+    ) -> Any:
+        return continuation(self._with_token(details), request)
+
+
+def read_token(args: argparse.Namespace) -> str:
+    if args.token_file is not None:
+        try:
+            return args.token_file.read_text().strip()
+        except OSError as exc:
+            raise SystemExit(f"pulsectl: cannot read --token-file: {exc}") from None
+    return os.environ.get(TOKEN_ENV, "").strip()
+
+
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    if args.ca is None and args.cert is None and args.key is None:
+        channel = grpc.insecure_channel(args.server)
+    else:
+        if (args.cert is None) != (args.key is None):
+            raise SystemExit("pulsectl: --cert and --key go together")
+        try:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=args.ca.read_bytes() if args.ca else None,
+                private_key=args.key.read_bytes() if args.key else None,
+                certificate_chain=args.cert.read_bytes() if args.cert else None,
+            )
+        except OSError as exc:
+            raise SystemExit(f"pulsectl: {exc}") from None
+        channel = grpc.secure_channel(args.server, credentials)
+    token = read_token(args)
+    return grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
 
 
 def rpc_error_line(exc: grpc.RpcError, args: argparse.Namespace) -> str:
@@ -254,7 +318,7 @@ def run(
     try:
         if stub is not None:
             return _dispatch(args, stub, out, err)
-        with grpc.insecure_channel(args.server) as channel:
+        with open_channel(args) as channel:
             return _dispatch(args, ppb_grpc.ProfilingServiceStub(channel), out, err)
     except grpc.RpcError as exc:
         print(rpc_error_line(exc, args), file=err)

@@ -38,6 +38,7 @@ from server.domain import (
     Ack,
     AckOutcome,
     AgentView,
+    AuditEvent,
     Candidate,
     ClaimFor,
     CommandToSend,
@@ -65,6 +66,10 @@ from server.domain import (
 from server.lifecycle import CommandState, Event
 
 CHANNEL = "pulse_events"
+SYSTEM_ACTOR = "system"
+# Batched agent statements change many agents' commands at once: the audit triggers attribute
+# each row to its own agent (`agent:<agent_id>`) when the transaction's actor is this marker.
+AGENTS_ACTOR = "agents"
 log = logging.getLogger(__name__)
 _S = CommandState
 _P = ParamSpec("_P")
@@ -208,10 +213,15 @@ class Store:
         *,
         liveness_intervals: int = 3,
         completion_grace: timedelta = timedelta(seconds=30),
+        max_targets_per_request: int = 0,
+        max_concurrent_per_service: int = 0,
     ) -> None:
         self.engine = engine
         self.liveness_intervals = liveness_intervals
         self.completion_grace = completion_grace
+        # 0 = no limit.
+        self.max_targets_per_request = max_targets_per_request
+        self.max_concurrent_per_service = max_concurrent_per_service
         self.statements = 0  # SQL statements sent, for the benchmark and stats
         event.listen(engine.sync_engine, "before_cursor_execute", self._count_statement)
 
@@ -228,6 +238,12 @@ class Store:
         )
 
     @staticmethod
+    async def _act_as(conn: AsyncConnection, actor: str) -> None:
+        """Name who causes this transaction's changes: the audit triggers record it
+        (transaction-local, so a pooled connection never carries it over)."""
+        await conn.execute(text("SELECT set_config('pulse.actor', :actor, true)"), {"actor": actor})
+
+    @staticmethod
     async def _notify(conn: AsyncConnection, payload: str) -> None:
         await conn.execute(text("SELECT pg_notify(:ch, :p)"), {"ch": CHANNEL, "p": payload})
 
@@ -239,10 +255,11 @@ class Store:
     # --- operators --------------------------------------------------------------------------------
 
     @database_errors
-    async def submit(self, request: SubmitRequest) -> SubmitResult:
+    async def submit(self, request: SubmitRequest, actor: str = SYSTEM_ACTOR) -> SubmitResult:
         """Store a request and one command per resolved target; wake the servers holding them."""
         digest = fingerprint(request)
         async with self.engine.begin() as conn:
+            await self._act_as(conn, actor)
             if request.idempotency_key:
                 existing = await self._find_by_key(conn, request.idempotency_key, digest)
                 if existing is not None:
@@ -353,6 +370,14 @@ class Store:
                 )
         if 0 < request.max_hosts < len(chosen):
             chosen = random.sample(chosen, request.max_hosts)
+        cap = self.max_targets_per_request
+        if cap and len(chosen) > cap:
+            field_name = "hostnames" if request.hostnames else "max_hosts"
+            raise InvalidArgument(
+                field_name,
+                f"the request resolves to {len(chosen)} targets, more than the limit of {cap} "
+                "per request (name fewer hosts or set max_hosts)",
+            )
         return chosen
 
     async def _targets(self, conn: AsyncConnection, request_id: uuid.UUID) -> tuple[Target, ...]:
@@ -491,9 +516,10 @@ class Store:
         return Page(tuple(found), encode_page_token(*last) if last else "")
 
     @database_errors
-    async def cancel_request(self, request_id: uuid.UUID) -> RequestView:
+    async def cancel_request(self, request_id: uuid.UUID, actor: str = SYSTEM_ACTOR) -> RequestView:
         """Queued targets become cancelled; running ones get a stop."""
         async with self.engine.begin() as conn:
+            await self._act_as(conn, actor)
             found = await conn.execute(
                 text(
                     "UPDATE profile_requests SET cancelled_at = coalesce(cancelled_at, now()) "
@@ -511,7 +537,9 @@ class Store:
             return await self._get_request(conn, request_id)
 
     @database_errors
-    async def stop_profiling(self, service_name: str, hostnames: Sequence[str]) -> StopResult:
+    async def stop_profiling(
+        self, service_name: str, hostnames: Sequence[str], actor: str = SYSTEM_ACTOR
+    ) -> StopResult:
         """Cancel every queued and running command of a service, or of some of its hosts."""
         condition = "service_name = :service"
         params: dict[str, Any] = {"service": service_name}
@@ -519,6 +547,7 @@ class Store:
             condition += " AND hostname = ANY(:hosts)"
             params["hosts"] = list(hostnames)
         async with self.engine.begin() as conn:
+            await self._act_as(conn, actor)
             cancelled, stopping = await self._cancel_commands(
                 conn, condition, params, "stopped by operator (host-level stop)"
             )
@@ -547,6 +576,40 @@ class Store:
             {**params, "reason": reason},
         )
         return len(cancelled_rows), stopping.rowcount
+
+    @database_errors
+    async def request_history(self, request_id: uuid.UUID) -> list[AuditEvent]:
+        """The audit trail of one request and its commands, oldest first."""
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    text("SELECT * FROM audit_events WHERE request_id = :id ORDER BY event_id"),
+                    {"id": request_id},
+                )
+            ).all()
+            if not rows:
+                exists = await conn.scalar(
+                    text("SELECT 1 FROM profile_requests WHERE request_id = :id"),
+                    {"id": request_id},
+                )
+                if not exists:
+                    raise NotFound(f"profile request {request_id} not found")
+        return [
+            AuditEvent(
+                event_id=row.event_id,
+                occurred_at=row.occurred_at,
+                actor=row.actor,
+                request_id=row.request_id,
+                command_id=row.command_id,
+                hostname=row.hostname,
+                agent_id=row.agent_id,
+                action=row.action,
+                from_state=row.from_state,
+                to_state=row.to_state,
+                detail=row.detail,
+            )
+            for row in rows
+        ]
 
     @database_errors
     async def list_agents(self, *, service_name: str | None, online_only: bool) -> list[AgentView]:
@@ -607,6 +670,7 @@ class Store:
         """
         results: list[list[uuid.UUID]] = [[] for _ in opens]
         async with self.engine.begin() as conn:
+            await self._act_as(conn, AGENTS_ACTOR)
             for round_ in _rounds_of_distinct_agents(opens):
                 await self._open_round(conn, [opens[i] for i in round_], server_id)
             running = {
@@ -700,6 +764,15 @@ class Store:
         for payload in _chunked_payloads("s", takeovers):
             await self._notify(conn, payload)
 
+    @database_errors
+    async def session_owner(self, agent_id: str) -> uuid.UUID | None:
+        """The session that holds the agent now (None: offline or unknown)."""
+        async with self.engine.connect() as conn:
+            owner: uuid.UUID | None = await conn.scalar(
+                text("SELECT session_id FROM agents WHERE agent_id = :agent"), {"agent": agent_id}
+            )
+            return owner
+
     async def close_session(
         self, agent_id: str, session_id: uuid.UUID, last_seen: datetime | None
     ) -> None:
@@ -717,6 +790,7 @@ class Store:
             "from": _states(lifecycle.sources(Event.STREAM_LOST)),
         }
         async with self.engine.begin() as conn:
+            await self._act_as(conn, AGENTS_ACTOR)
             await conn.execute(
                 text(
                     """
@@ -816,6 +890,11 @@ class Store:
             )
             for row in stops:
                 result.setdefault(row.agent_id, ([], []))[1].append(row.command_id)
+            budgets = await self._service_budgets(
+                conn, sorted({s.service_name for s in sessions}), limit * len(sessions)
+            )
+            params["budget_services"] = list(budgets)
+            params["budgets"] = list(budgets.values())
             rows = await conn.execute(
                 text(
                     """
@@ -827,10 +906,10 @@ class Store:
                           AND NOT EXISTS (SELECT 1 FROM commands b WHERE b.agent_id = a.agent_id
                                           AND b.state IN ('sent', 'running'))
                     ),
-                    c AS MATERIALIZED (
-                        SELECT a.agent_id, a.session_id, p.command_id
+                    candidates AS MATERIALIZED (
+                        SELECT a.agent_id, a.session_id, a.service_name, p.command_id, p.seq
                         FROM a CROSS JOIN LATERAL (
-                            SELECT m.command_id FROM commands m
+                            SELECT m.command_id, m.seq FROM commands m
                             WHERE m.state = 'pending' AND m.expires_at > now()
                               AND (m.agent_id = a.agent_id
                                    OR (m.agent_id IS NULL AND m.service_name = a.service_name
@@ -839,6 +918,18 @@ class Store:
                             LIMIT :limit
                             FOR UPDATE SKIP LOCKED
                         ) p
+                    ),
+                    c AS (
+                        -- --max-concurrent-per-service: the oldest commands within each
+                        -- service's remaining budget; the others stay pending.
+                        SELECT k.* FROM (
+                            SELECT candidates.*, row_number() OVER (
+                                PARTITION BY service_name ORDER BY seq) AS rank
+                            FROM candidates
+                        ) k
+                        JOIN unnest(CAST(:budget_services AS text[]), CAST(:budgets AS integer[]))
+                            AS b(service_name, budget) ON b.service_name = k.service_name
+                        WHERE k.rank <= b.budget
                     )
                     UPDATE commands m SET state = 'sent', agent_id = c.agent_id,
                         session_id = c.session_id, sent_at = clock_timestamp(),
@@ -872,6 +963,33 @@ class Store:
             raise outcome
         return outcome
 
+    async def _service_budgets(
+        self, conn: AsyncConnection, services: Sequence[str], limit: int
+    ) -> dict[str, int]:
+        """How many commands a claim may hand out per service under
+        --max-concurrent-per-service (`limit` each when there is no cap).
+
+        Per-service advisory locks, taken in name order, serialise the count-then-claim of every
+        claim for a service across servers, so concurrent claims cannot overshoot the cap."""
+        cap = self.max_concurrent_per_service
+        if not cap:
+            return {service: limit for service in services}
+        budgets = {}
+        for service in services:
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(hashtext('pulse.service:' || :service))"),
+                {"service": service},
+            )
+            busy = await conn.scalar(
+                text(
+                    "SELECT count(*) FROM commands WHERE service_name = :service "
+                    "AND state IN ('sent', 'running')"
+                ),
+                {"service": service},
+            )
+            budgets[service] = max(0, min(limit, cap - int(busy or 0)))
+        return budgets
+
     @database_errors
     async def record_acks(self, acks: Sequence[Ack]) -> Sequence[AckOutcome | PulseError]:
         """sent -> running (accepted) or rejected, for many acks in one statement. A repeat, or an
@@ -880,6 +998,7 @@ class Store:
         sources = lifecycle.sources(Event.ACK_ACCEPTED)
         assert sources == lifecycle.sources(Event.ACK_REJECTED)
         async with self.engine.begin() as conn:
+            await self._act_as(conn, AGENTS_ACTOR)
             moved = await conn.execute(
                 text(
                     """
@@ -968,6 +1087,7 @@ class Store:
         assert len(sources) <= 1, "every completion event moves from the same states"
         wanted = [notify] * len(completions) if isinstance(notify, bool) else list(notify)
         async with self.engine.begin() as conn:
+            await self._act_as(conn, AGENTS_ACTOR)
             moved = await conn.execute(
                 text(
                     """
@@ -991,7 +1111,7 @@ class Store:
                         SELECT 1 FROM commands q WHERE q.state = 'pending'
                           AND (q.agent_id = m.agent_id
                                OR (q.agent_id IS NULL AND q.service_name = m.service_name
-                                   AND q.hostname = m.hostname))) AS more
+                                   AND q.hostname = m.hostname))) AS more, m.service_name
                     """
                 ),
                 {
@@ -1016,6 +1136,10 @@ class Store:
             )  # fmt: skip
             for payload in _chunked_payloads("a", announce):
                 await self._notify(conn, payload)
+            if self.max_concurrent_per_service:
+                # Slots of these services' budgets are free: other agents may be waiting.
+                for service in sorted({row.service_name for row in rows}):
+                    await self._notify(conn, f"v:{service}")
             current = await self._owners(
                 conn, [c.command_id for c in completions if c.command_id not in states]
             )

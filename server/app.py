@@ -4,6 +4,7 @@ reflection, keepalive and graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -25,11 +26,14 @@ from db.store import Store
 from pulse.v1 import agent_service_pb2, profiling_service_pb2
 from pulse.v1 import agent_service_pb2_grpc as apb_grpc
 from pulse.v1 import profiling_service_pb2_grpc as ppb_grpc
+from server.auth import Authorizer, TokenFile
 from server.gcstats import GcPauses
 from server.hub import Hub, HubSettings
 from server.metrics import ServerMetrics
+from server.ratelimit import RateLimiter
 from server.servicers import AgentServicer, ProfilingServicer
 from server.sessions import CloseReason
+from server.tls import RotatingCertificates, ServerTls, server_credentials
 from server.watch import RequestWatch
 
 log = logging.getLogger(__name__)
@@ -73,6 +77,13 @@ class ServerConfig:
     gc_thaw_interval: timedelta = timedelta(seconds=600)
     # host:port of the Prometheus endpoint; None: no endpoint and no RPC interceptor.
     metrics_listen: str | None = None
+    # Security (see README "Security"); all off by default: local, insecure, open.
+    tls: ServerTls | None = None
+    tokens_file: Path | None = None
+    submit_rate: float = 0.0  # submits per second per principal; 0 = unlimited
+    submit_burst: int = 20
+    max_targets_per_request: int = 0  # 0 = unlimited
+    max_concurrent_per_service: int = 0  # 0 = unlimited
 
     def hub_settings(self) -> HubSettings:
         return HubSettings(
@@ -107,6 +118,29 @@ class ServerConfig:
         return options
 
 
+def is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, "0.0.0.0" or "[::]": reachable from elsewhere
+
+
+def warn_about_security(config: ServerConfig) -> None:
+    if config.tls is None and not is_loopback(config.listen):
+        log.warning(
+            "listening on %s WITHOUT TLS: anyone who reaches this port can read and change "
+            "everything; use --tls-cert/--tls-key (and --client-ca for agents)",
+            config.listen,
+        )
+    elif config.tls is not None and not config.tls.mutual:
+        log.warning("TLS without --client-ca: agents are not authenticated")
+    if config.tokens_file is None:
+        log.warning("no --tokens-file: operator RPCs are open to every client (local mode)")
+
+
 def resolve_database_url(config: ServerConfig) -> str:
     if config.database_url:
         return config.database_url
@@ -133,6 +167,7 @@ class PulseServer:
         self._stats_task: asyncio.Task[None] | None = None
         self.gc_pauses = GcPauses()
         self._stopped = asyncio.Event()
+        self.certificates: RotatingCertificates | None = None
 
     async def start(self) -> int:
         config = self.config
@@ -146,6 +181,8 @@ class PulseServer:
             self.engine,
             liveness_intervals=config.liveness_intervals,
             completion_grace=config.completion_grace,
+            max_targets_per_request=config.max_targets_per_request,
+            max_concurrent_per_service=config.max_concurrent_per_service,
         )
         self.hub = Hub(self.store, config.hub_settings())
         self.hub.start()
@@ -161,15 +198,28 @@ class PulseServer:
             )
             interceptors.append(self.metrics.interceptor())
         server = grpc.aio.server(options=config.grpc_options(), interceptors=interceptors)
-        ppb_grpc.add_ProfilingServiceServicer_to_server(
-            ProfilingServicer(self.store, self.watch), server
+        tokens = TokenFile(config.tokens_file) if config.tokens_file else None
+        profiling = ProfilingServicer(
+            self.store,
+            self.watch,
+            Authorizer(tokens),
+            RateLimiter(config.submit_rate, config.submit_burst),
         )
-        apb_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.hub), server)
+        mutual = config.tls is not None and config.tls.mutual
+        ppb_grpc.add_ProfilingServiceServicer_to_server(profiling, server)
+        apb_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(self.hub, mutual_tls=mutual), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port = server.add_insecure_port(config.listen)
+        if config.tls is not None:
+            credentials, self.certificates = server_credentials(config.tls)
+            self.port = server.add_secure_port(config.listen, credentials)
+        else:
+            self.port = server.add_insecure_port(config.listen)
+        warn_about_security(config)
         if not self.port:
             raise RuntimeError(f"cannot listen on {config.listen}")
         await server.start()

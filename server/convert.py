@@ -13,6 +13,7 @@ from pulse.v1 import profiling_service_pb2 as ppb
 from server import validation
 from server.domain import (
     AgentView,
+    AuditEvent,
     Candidate,
     CommandToSend,
     Completion,
@@ -242,4 +243,19 @@ def completion_from_proto(message: apb.ReportCommandCompletionRequest) -> Comple
         result_location=validation.bounded_string(result.location, "result.location", 4096),
         result_samples=result.samples,
         result_bytes=result.size_bytes,
+    )
+
+
+def audit_event_to_proto(event: AuditEvent) -> ppb.AuditEvent:
+    return ppb.AuditEvent(
+        sequence=event.event_id,
+        time=timestamp(event.occurred_at),
+        actor=event.actor,
+        command_id=str(event.command_id) if event.command_id else "",
+        hostname=event.hostname,
+        agent_id=event.agent_id,
+        action=event.action,
+        from_state=event.from_state,
+        to_state=event.to_state,
+        detail=event.detail,
     )

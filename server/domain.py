@@ -56,6 +56,18 @@ class Superseded(PulseError):
     """A newer session of the same agent took over this one."""
 
 
+class Unauthenticated(PulseError):
+    """No credential, or one that is unknown or expired."""
+
+
+class ResourceExhausted(PulseError):
+    """A limit was hit; `retry_after_seconds` (when > 0) says when trying again can succeed."""
+
+    def __init__(self, message: str, retry_after_seconds: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
 # --- values --------------------------------------------------------------------------------------
 
 
@@ -249,3 +261,20 @@ class Candidate:
     agent_id: str | None
     online: bool
     supported_modes: tuple[ProfilingMode, ...]
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One row of the audit trail: a state change of a request or of one of its commands."""
+
+    event_id: int
+    occurred_at: datetime
+    actor: str  # `operator:<name>`, `agent:<id>`, `anonymous` (no tokens configured) or `system`
+    request_id: uuid.UUID
+    command_id: uuid.UUID | None  # None for request-level events
+    hostname: str
+    agent_id: str
+    action: str  # submitted | cancelled | created | state_changed | stop_requested
+    from_state: str
+    to_state: str
+    detail: str

@@ -12,10 +12,10 @@ import contextlib
 import logging
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from db.store import Store
 from server.batching import Batcher
@@ -222,9 +222,7 @@ class Hub:
                 request_id = uuid.UUID(rest)
             except ValueError:
                 return
-            task = asyncio.create_task(self._wake_request(request_id))
-            self._wakeups.add(task)
-            task.add_done_callback(self._wakeups.discard)
+            self._spawn(self._wake_request(request_id))
         elif kind == "t":
             service, agents, hosts = rest.split("|")
             targets = self.sessions.matching(
@@ -241,10 +239,26 @@ class Hub:
                 agent_id, _, session_id = takeover.rpartition(":")
                 session = self.sessions.by_agent(agent_id)
                 if session is not None and str(session.session_id) != session_id:
-                    session.close(CloseReason.SUPERSEDED)
+                    # The notification may be older than the local session (the agent
+                    # reconnected here meanwhile): the database says which session owns it now.
+                    self._spawn(self._close_if_superseded(session))
         elif kind == "*":
             for session in self.sessions.all():
                 self.dispatcher.wake(session)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._wakeups.add(task)
+        task.add_done_callback(self._wakeups.discard)
+
+    async def _close_if_superseded(self, session: AgentSession) -> None:
+        try:
+            owner = await self.store.session_owner(session.agent_id)
+        except Unavailable as exc:
+            log.warning("cannot check the session of agent %s: %s", session.agent_id, exc)
+            return
+        if owner != session.session_id:
+            session.close(CloseReason.SUPERSEDED)
 
     async def _wake_request(self, request_id: uuid.UUID) -> None:
         if not len(self.sessions):

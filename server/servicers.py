@@ -16,18 +16,24 @@ from pulse.v1 import agent_service_pb2_grpc as apb_grpc
 from pulse.v1 import profiling_service_pb2 as ppb
 from pulse.v1 import profiling_service_pb2_grpc as ppb_grpc
 from server import convert, preview, validation
+from server.auth import ANONYMOUS, Authorizer, Principal, Role, check_service
 from server.domain import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     PulseError,
+    ResourceExhausted,
+    SubmitRequest,
     Superseded,
+    Unauthenticated,
     Unavailable,
 )
 from server.hub import Hub
 from server.logs import ids
+from server.ratelimit import RateLimiter
 from server.sessions import AgentSession, CloseReason
+from server.tls import peer_agent_id
 from server.watch import RequestWatch
 
 log = logging.getLogger(__name__)
@@ -39,7 +45,10 @@ _CODES: dict[type[PulseError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Superseded: grpc.StatusCode.ABORTED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+RETRY_AFTER_KEY = "retry-after-ms"
 
 _R = TypeVar("_R")
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[_R]]
@@ -60,28 +69,73 @@ def unary(handler: Handler[_R]) -> Handler[_R]:
         try:
             return await handler(self, request, context)
         except PulseError as error:
+            if isinstance(error, ResourceExhausted) and error.retry_after_seconds > 0:
+                retry_ms = int(error.retry_after_seconds * 1000) + 1
+                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(retry_ms)),))
             await context.abort(status_of(error), str(error))
             raise  # unreachable: abort raises
 
     return wrapper
 
 
+def _peer_host(context: grpc.aio.ServicerContext) -> str:
+    """`ipv4:1.2.3.4:5678` -> `1.2.3.4` (the rate-limit key of unauthenticated callers)."""
+    peer = context.peer() or "unknown"
+    return peer.split(":", 1)[-1].rsplit(":", 1)[0]
+
+
 class ProfilingServicer(ppb_grpc.ProfilingServiceServicer):
-    def __init__(self, store: Store, watch: RequestWatch | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        watch: RequestWatch | None = None,
+        authorizer: Authorizer | None = None,
+        submit_limiter: RateLimiter | None = None,
+    ) -> None:
         self._store = store
         self._watch = watch or RequestWatch(store)
+        self._auth = authorizer or Authorizer(None)
+        self._submit_limiter = submit_limiter or RateLimiter(0, 1)
+
+    def _caller(self, context: grpc.aio.ServicerContext, role: Role) -> Principal:
+        return self._auth.require(context.invocation_metadata() or (), role)
+
+    async def _check_request_service(self, principal: Principal, request_id: Any) -> None:
+        """A token limited to some services only sees and changes their requests."""
+        if principal.services:
+            view = await self._store.get_request(request_id)
+            check_service(principal, view.service_name)
+
+    @staticmethod
+    def _service_filter(principal: Principal, service: str | None) -> None:
+        if principal.services and service is None:
+            raise PermissionDenied(
+                f"{principal.name} is limited to services {sorted(principal.services)}: "
+                "name one in service_name"
+            )
+        if service is not None:
+            check_service(principal, service)
 
     @unary
     async def SubmitProfileRequest(
         self, request: ppb.SubmitProfileRequestRequest, context: grpc.aio.ServicerContext
     ) -> ppb.SubmitProfileRequestResponse:
         if request.dry_run:
-            return await self._dry_run(request)
-        result = await self._store.submit(convert.submit_from_proto(request))
+            viewer = self._caller(context, Role.VIEWER)
+            submit = convert.submit_from_proto(request)
+            check_service(viewer, submit.service_name)
+            return await self._dry_run(submit)
+        principal = self._caller(context, Role.OPERATOR)
+        submit = convert.submit_from_proto(request)
+        check_service(principal, submit.service_name)
+        limit_key = principal.name if principal is not ANONYMOUS else _peer_host(context)
+        self._submit_limiter.acquire(limit_key, "submits")
+        result = await self._store.submit(submit, actor=principal.actor)
         log.info(
-            "request %s for service %s: %d targets%s",
+            "request %s for service %s by %s: %d targets%s",
             result.request_id,
             request.service_name,
+            principal.actor,
             len(result.targets),
             " (deduplicated)" if result.deduplicated else "",
             extra=ids(request_id=result.request_id),
@@ -96,17 +150,21 @@ class ProfilingServicer(ppb_grpc.ProfilingServiceServicer):
     async def GetProfileRequest(
         self, request: ppb.GetProfileRequestRequest, context: grpc.aio.ServicerContext
     ) -> ppb.GetProfileRequestResponse:
+        principal = self._caller(context, Role.VIEWER)
         request_id = validation.uuid_field(request.request_id, "request_id")
         view = await self._store.get_request(request_id)
+        check_service(principal, view.service_name)
         return ppb.GetProfileRequestResponse(request=convert.request_to_proto(view))
 
     @unary
     async def ListProfileRequests(
         self, request: ppb.ListProfileRequestsRequest, context: grpc.aio.ServicerContext
     ) -> ppb.ListProfileRequestsResponse:
+        principal = self._caller(context, Role.VIEWER)
         page_size = request.page_size or 50
         validation.in_range(page_size, "page_size", 1, 500)
         service = validation.service_name(request.service_name) if request.service_name else None
+        self._service_filter(principal, service)
         page = await self._store.list_requests(
             service_name=service,
             state=convert.request_state_filter(request.state),
@@ -122,22 +180,32 @@ class ProfilingServicer(ppb_grpc.ProfilingServiceServicer):
     async def CancelProfileRequest(
         self, request: ppb.CancelProfileRequestRequest, context: grpc.aio.ServicerContext
     ) -> ppb.CancelProfileRequestResponse:
+        principal = self._caller(context, Role.OPERATOR)
         request_id = validation.uuid_field(request.request_id, "request_id")
-        view = await self._store.cancel_request(request_id)
-        log.info("request %s cancelled", request_id, extra=ids(request_id=request_id))
+        await self._check_request_service(principal, request_id)
+        view = await self._store.cancel_request(request_id, actor=principal.actor)
+        log.info(
+            "request %s cancelled by %s",
+            request_id,
+            principal.actor,
+            extra=ids(request_id=request_id),
+        )
         return ppb.CancelProfileRequestResponse(request=convert.request_to_proto(view))
 
     @unary
     async def StopProfiling(
         self, request: ppb.StopProfilingRequest, context: grpc.aio.ServicerContext
     ) -> ppb.StopProfilingResponse:
+        principal = self._caller(context, Role.OPERATOR)
         service = validation.service_name(request.service_name)
         hosts = validation.hostnames(list(request.hostnames))
-        result = await self._store.stop_profiling(service, hosts)
+        check_service(principal, service)
+        result = await self._store.stop_profiling(service, hosts, actor=principal.actor)
         log.info(
-            "stop profiling on %s %s: %d cancelled, %d stopping",
+            "stop profiling on %s %s by %s: %d cancelled, %d stopping",
             service,
             list(hosts) or "(all hosts)",
+            principal.actor,
             result.cancelled,
             result.stopping,
         )
@@ -149,16 +217,15 @@ class ProfilingServicer(ppb_grpc.ProfilingServiceServicer):
     async def ListAgents(
         self, request: ppb.ListAgentsRequest, context: grpc.aio.ServicerContext
     ) -> ppb.ListAgentsResponse:
+        principal = self._caller(context, Role.VIEWER)
         service = validation.service_name(request.service_name) if request.service_name else None
+        self._service_filter(principal, service)
         agents = await self._store.list_agents(
             service_name=service, online_only=request.online_only
         )
         return ppb.ListAgentsResponse(agents=[convert.agent_to_proto(a) for a in agents])
 
-    async def _dry_run(
-        self, request: ppb.SubmitProfileRequestRequest
-    ) -> ppb.SubmitProfileRequestResponse:
-        submit = convert.submit_from_proto(request)
+    async def _dry_run(self, submit: SubmitRequest) -> ppb.SubmitProfileRequestResponse:
         candidates = await self._store.preview_targets(submit)
         return ppb.SubmitProfileRequestResponse(
             dry_run_targets=[
@@ -173,17 +240,48 @@ class ProfilingServicer(ppb_grpc.ProfilingServiceServicer):
         self, request: ppb.WatchProfileRequestRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ppb.WatchProfileRequestResponse]:
         try:
+            principal = self._caller(context, Role.VIEWER)
             request_id = validation.uuid_field(request.request_id, "request_id")
+            await self._check_request_service(principal, request_id)
             async for view in self._watch.follow(request_id):
                 yield ppb.WatchProfileRequestResponse(request=convert.request_to_proto(view))
         except PulseError as error:
             await context.abort(status_of(error), str(error))
 
+    @unary
+    async def GetRequestHistory(
+        self, request: ppb.GetRequestHistoryRequest, context: grpc.aio.ServicerContext
+    ) -> ppb.GetRequestHistoryResponse:
+        principal = self._caller(context, Role.VIEWER)
+        request_id = validation.uuid_field(request.request_id, "request_id")
+        await self._check_request_service(principal, request_id)
+        events = await self._store.request_history(request_id)
+        return ppb.GetRequestHistoryResponse(
+            events=[convert.audit_event_to_proto(e) for e in events]
+        )
+
 
 class AgentServicer(apb_grpc.AgentServiceServicer):
-    def __init__(self, hub: Hub, hello_timeout: float = 30.0) -> None:
+    def __init__(self, hub: Hub, hello_timeout: float = 30.0, mutual_tls: bool = False) -> None:
         self._hub = hub
         self._hello_timeout = hello_timeout
+        self._mutual_tls = mutual_tls
+
+    def _check_identity(self, context: grpc.aio.ServicerContext, agent_id: str) -> None:
+        """With mTLS an agent is who its certificate says, whatever id it sends."""
+        if not self._mutual_tls:
+            return
+        identity = peer_agent_id(context.auth_context())
+        if identity is None:
+            raise PermissionDenied(
+                "the client certificate names no agent (expected a URI SAN "
+                "spiffe://<trust-domain>/agent/<id>, or a common name)"
+            )
+        if identity != agent_id:
+            log.warning("refused agent %r presenting the certificate of %r", agent_id, identity)
+            raise PermissionDenied(
+                f"agent_id: {agent_id!r} does not match the client certificate ({identity!r})"
+            )
 
     async def Heartbeat(
         self,
@@ -199,7 +297,9 @@ class AgentServicer(apb_grpc.AgentServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "hello: the first message must be a hello"
             )
         try:
-            session = await self._hub.open_session(convert.hello_from_proto(first.hello))
+            hello = convert.hello_from_proto(first.hello)
+            self._check_identity(context, hello.agent_id)
+            session = await self._hub.open_session(hello)
         except PulseError as error:
             await context.abort(status_of(error), str(error))
         yield apb.HeartbeatResponse(
@@ -266,6 +366,7 @@ class AgentServicer(apb_grpc.AgentServiceServicer):
         self, request: apb.ReportCommandCompletionRequest, context: grpc.aio.ServicerContext
     ) -> apb.ReportCommandCompletionResponse:
         completion = convert.completion_from_proto(request)
+        self._check_identity(context, completion.agent_id)
         state = await self._hub.complete(completion)
         log.info(
             "agent %s reported command %s %s -> %s",

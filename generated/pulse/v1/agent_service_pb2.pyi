@@ -149,7 +149,9 @@ class AgentHello(_message.Message):
     FINISHED_COMMAND_IDS_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Required. Stable id, generated once and persisted on the host; 1..128 characters of
-    [A-Za-z0-9._:-].
+    [A-Za-z0-9._:-]. When the server requires client certificates (mTLS), it must equal the
+    certificate's identity (URI SAN spiffe://<trust-domain>/agent/<id>, or the common name of
+    a certificate without URI SANs); otherwise the stream ends with PERMISSION_DENIED.
     """
     hostname: _builtins.str
     """Required. The host's name (1..253 characters)."""
@@ -434,7 +436,9 @@ class ReportCommandCompletionRequest(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
-    """Required. The reporting agent; must own the command."""
+    """Required. The reporting agent; must own the command. With mTLS it must also equal the
+    client certificate's identity (PERMISSION_DENIED otherwise).
+    """
     command_id: _builtins.str
     """Required, the command's UUID."""
     outcome: Global___CommandOutcome.ValueType

@@ -829,3 +829,110 @@ class Agent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Agent: _TypeAlias = Agent  # noqa: Y015
+
+@_typing.final
+class GetRequestHistoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Required. UUID of the request."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRequestHistoryRequest: _TypeAlias = GetRequestHistoryRequest  # noqa: Y015
+
+@_typing.final
+class GetRequestHistoryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEvent]:
+        """Every recorded change, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___AuditEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRequestHistoryResponse: _TypeAlias = GetRequestHistoryResponse  # noqa: Y015
+
+@_typing.final
+class AuditEvent(_message.Message):
+    """One row of the append-only audit trail, written in the same transaction as the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    FROM_STATE_FIELD_NUMBER: _builtins.int
+    TO_STATE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Increasing number of the event (orders events across requests too)."""
+    actor: _builtins.str
+    """Who caused it: "operator:<token name>" (an authenticated operator), "anonymous" (an
+    operator RPC on a server without tokens), "agent:<agent id>" (an ack, a completion or a
+    reconnect of that agent) or "system" (dispatch and sweeps: expiry, timeouts, re-queues).
+    """
+    command_id: _builtins.str
+    """The command that changed; empty for request-level events."""
+    hostname: _builtins.str
+    """Host of the command; empty for request-level events."""
+    agent_id: _builtins.str
+    """Agent bound to the command at the time; empty when none."""
+    action: _builtins.str
+    """"submitted" or "cancelled" (request); "created", "state_changed" or "stop_requested"
+    (command).
+    """
+    from_state: _builtins.str
+    """Command state before the change (lowercase, e.g. "pending"); empty for request events."""
+    to_state: _builtins.str
+    """Command state after the change; empty for request events."""
+    detail: _builtins.str
+    """The reason recorded with the change (an error message or a cancel reason), if any."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the change was made (the database clock)."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        actor: _builtins.str = ...,
+        command_id: _builtins.str = ...,
+        hostname: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        action: _builtins.str = ...,
+        from_state: _builtins.str = ...,
+        to_state: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "agent_id", b"agent_id", "command_id", b"command_id", "detail", b"detail", "from_state", b"from_state", "hostname", b"hostname", "sequence", b"sequence", "time", b"time", "to_state", b"to_state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEvent: _TypeAlias = AuditEvent  # noqa: Y015

@@ -27,6 +27,13 @@ if _version_not_supported:
 
 class ProfilingServiceStub:
     """Operator API: ask for profiles, follow them, cancel them, see the fleet.
+
+    When the server has a tokens file, every RPC needs metadata `authorization: Bearer <token>`:
+    none, an unknown or an expired token is UNAUTHENTICATED. Reading (Get, List, ListAgents,
+    GetRequestHistory) needs role viewer, changing (Submit, Cancel, StopProfiling) role operator;
+    a token limited to some services may only touch those. A missing role or service is
+    PERMISSION_DENIED. Submits beyond the per-principal rate are RESOURCE_EXHAUSTED with trailing
+    metadata `retry-after-ms`.
     """
 
     def __init__(self, channel):
@@ -70,10 +77,22 @@ class ProfilingServiceStub:
                 request_serializer=pulse_dot_v1_dot_profiling__service__pb2.WatchProfileRequestRequest.SerializeToString,
                 response_deserializer=pulse_dot_v1_dot_profiling__service__pb2.WatchProfileRequestResponse.FromString,
                 _registered_method=True)
+        self.GetRequestHistory = channel.unary_unary(
+                '/pulse.v1.ProfilingService/GetRequestHistory',
+                request_serializer=pulse_dot_v1_dot_profiling__service__pb2.GetRequestHistoryRequest.SerializeToString,
+                response_deserializer=pulse_dot_v1_dot_profiling__service__pb2.GetRequestHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class ProfilingServiceServicer:
     """Operator API: ask for profiles, follow them, cancel them, see the fleet.
+
+    When the server has a tokens file, every RPC needs metadata `authorization: Bearer <token>`:
+    none, an unknown or an expired token is UNAUTHENTICATED. Reading (Get, List, ListAgents,
+    GetRequestHistory) needs role viewer, changing (Submit, Cancel, StopProfiling) role operator;
+    a token limited to some services may only touch those. A missing role or service is
+    PERMISSION_DENIED. Submits beyond the per-principal rate are RESOURCE_EXHAUSTED with trailing
+    metadata `retry-after-ms`.
     """
 
     def SubmitProfileRequest(self, request, context):
@@ -133,6 +152,14 @@ class ProfilingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRequestHistory(self, request, context):
+        """Returns the audit trail of one request: every state change of the request and of its
+        commands, oldest first, with who caused it. NOT_FOUND for an unknown id. Role: viewer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProfilingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +198,11 @@ def add_ProfilingServiceServicer_to_server(servicer, server):
                     request_deserializer=pulse_dot_v1_dot_profiling__service__pb2.WatchProfileRequestRequest.FromString,
                     response_serializer=pulse_dot_v1_dot_profiling__service__pb2.WatchProfileRequestResponse.SerializeToString,
             ),
+            'GetRequestHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRequestHistory,
+                    request_deserializer=pulse_dot_v1_dot_profiling__service__pb2.GetRequestHistoryRequest.FromString,
+                    response_serializer=pulse_dot_v1_dot_profiling__service__pb2.GetRequestHistoryResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'pulse.v1.ProfilingService', rpc_method_handlers)
@@ -181,6 +213,13 @@ def add_ProfilingServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ProfilingService:
     """Operator API: ask for profiles, follow them, cancel them, see the fleet.
+
+    When the server has a tokens file, every RPC needs metadata `authorization: Bearer <token>`:
+    none, an unknown or an expired token is UNAUTHENTICATED. Reading (Get, List, ListAgents,
+    GetRequestHistory) needs role viewer, changing (Submit, Cancel, StopProfiling) role operator;
+    a token limited to some services may only touch those. A missing role or service is
+    PERMISSION_DENIED. Submits beyond the per-principal rate are RESOURCE_EXHAUSTED with trailing
+    metadata `retry-after-ms`.
     """
 
     @staticmethod
@@ -362,6 +401,33 @@ class ProfilingService:
             '/pulse.v1.ProfilingService/WatchProfileRequest',
             pulse_dot_v1_dot_profiling__service__pb2.WatchProfileRequestRequest.SerializeToString,
             pulse_dot_v1_dot_profiling__service__pb2.WatchProfileRequestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRequestHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pulse.v1.ProfilingService/GetRequestHistory',
+            pulse_dot_v1_dot_profiling__service__pb2.GetRequestHistoryRequest.SerializeToString,
+            pulse_dot_v1_dot_profiling__service__pb2.GetRequestHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,7 +27,15 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ProfilingServiceStub:
-    """Operator API: ask for profiles, follow them, cancel them, see the fleet."""
+    """Operator API: ask for profiles, follow them, cancel them, see the fleet.
+
+    When the server has a tokens file, every RPC needs metadata `authorization: Bearer <token>`:
+    none, an unknown or an expired token is UNAUTHENTICATED. Reading (Get, List, ListAgents,
+    GetRequestHistory) needs role viewer, changing (Submit, Cancel, StopProfiling) role operator;
+    a token limited to some services may only touch those. A missing role or service is
+    PERMISSION_DENIED. Submits beyond the per-principal rate are RESOURCE_EXHAUSTED with trailing
+    metadata `retry-after-ms`.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -59,10 +67,22 @@ class ProfilingServiceStub:
     state. NOT_FOUND for an unknown id. Changes are seen within about a second, and intermediate
     states that last less than that may be skipped (each message is a full snapshot).
     """
+    GetRequestHistory: _grpc.UnaryUnaryMultiCallable[_profiling_service_pb2.GetRequestHistoryRequest, _profiling_service_pb2.GetRequestHistoryResponse]
+    """Returns the audit trail of one request: every state change of the request and of its
+    commands, oldest first, with who caused it. NOT_FOUND for an unknown id. Role: viewer.
+    """
 
 @_typing.type_check_only
 class ProfilingServiceAsyncStub(ProfilingServiceStub):
-    """Operator API: ask for profiles, follow them, cancel them, see the fleet."""
+    """Operator API: ask for profiles, follow them, cancel them, see the fleet.
+
+    When the server has a tokens file, every RPC needs metadata `authorization: Bearer <token>`:
+    none, an unknown or an expired token is UNAUTHENTICATED. Reading (Get, List, ListAgents,
+    GetRequestHistory) needs role viewer, changing (Submit, Cancel, StopProfiling) role operator;
+    a token limited to some services may only touch those. A missing role or service is
+    PERMISSION_DENIED. Submits beyond the per-principal rate are RESOURCE_EXHAUSTED with trailing
+    metadata `retry-after-ms`.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubmitProfileRequest: _aio.UnaryUnaryMultiCallable[_profiling_service_pb2.SubmitProfileRequestRequest, _profiling_service_pb2.SubmitProfileRequestResponse]  # type: ignore[assignment]
@@ -91,9 +111,21 @@ class ProfilingServiceAsyncStub(ProfilingServiceStub):
     state. NOT_FOUND for an unknown id. Changes are seen within about a second, and intermediate
     states that last less than that may be skipped (each message is a full snapshot).
     """
+    GetRequestHistory: _aio.UnaryUnaryMultiCallable[_profiling_service_pb2.GetRequestHistoryRequest, _profiling_service_pb2.GetRequestHistoryResponse]  # type: ignore[assignment]
+    """Returns the audit trail of one request: every state change of the request and of its
+    commands, oldest first, with who caused it. NOT_FOUND for an unknown id. Role: viewer.
+    """
 
 class ProfilingServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Operator API: ask for profiles, follow them, cancel them, see the fleet."""
+    """Operator API: ask for profiles, follow them, cancel them, see the fleet.
+
+    When the server has a tokens file, every RPC needs metadata `authorization: Bearer <token>`:
+    none, an unknown or an expired token is UNAUTHENTICATED. Reading (Get, List, ListAgents,
+    GetRequestHistory) needs role viewer, changing (Submit, Cancel, StopProfiling) role operator;
+    a token limited to some services may only touch those. A missing role or service is
+    PERMISSION_DENIED. Submits beyond the per-principal rate are RESOURCE_EXHAUSTED with trailing
+    metadata `retry-after-ms`.
+    """
 
     @_abc_1.abstractmethod
     def SubmitProfileRequest(
@@ -161,6 +193,16 @@ class ProfilingServiceServicer(metaclass=_abc_1.ABCMeta):
         each time its state or counts change; the stream ends (OK) after the message with a terminal
         state. NOT_FOUND for an unknown id. Changes are seen within about a second, and intermediate
         states that last less than that may be skipped (each message is a full snapshot).
+        """
+
+    @_abc_1.abstractmethod
+    def GetRequestHistory(
+        self,
+        request: _profiling_service_pb2.GetRequestHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profiling_service_pb2.GetRequestHistoryResponse, _abc.Awaitable[_profiling_service_pb2.GetRequestHistoryResponse]]:
+        """Returns the audit trail of one request: every state change of the request and of its
+        commands, oldest first, with who caused it. NOT_FOUND for an unknown id. Role: viewer.
         """
 
 def add_ProfilingServiceServicer_to_server(servicer: ProfilingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
