@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,6 +292,26 @@ class Bench:
         self.results.add("6 soak", "soak_rss_end_mb", samples[-1] / 2**20, "MB")
         self.results.add("6 soak", "soak_rss_max_mb", max(samples) / 2**20, "MB")
 
+    @contextlib.asynccontextmanager
+    async def gc_during(self, scenario: str, server: ServerProcess) -> AsyncIterator[None]:
+        """Full collections in the server while a scenario ran, and their total pause."""
+        before = server.stats()
+        yield
+        await asyncio.sleep(1.1)  # the stats file is rewritten every second
+        after = server.stats()
+        key = scenario.split(" ", 1)[1].replace("-", "")
+        self.results.add(
+            scenario,
+            f"{key}_server_gc_full",
+            int(after["gc_full_collections"] - before["gc_full_collections"]),
+        )
+        self.results.add(
+            scenario,
+            f"{key}_server_gc_pause_ms",
+            after["gc_total_pause_ms"] - before["gc_total_pause_ms"],
+            "ms",
+        )
+
     # --- run ------------------------------------------------------------------------------------
 
     async def run(self) -> Results:
@@ -300,14 +322,19 @@ class Bench:
         freezing = asyncio.create_task(GcFreezer(freeze_every=5.0, thaw_every=3600).run())
         try:
             await self.wait_serving(server)
-            await self.connect(server, fleet)
-            await self.steady(server)
+            async with self.gc_during("1 connect", server):
+                await self.connect(server, fleet)
+            async with self.gc_during("2 steady", server):
+                await self.steady(server)
             async with grpc.aio.insecure_channel(self.address) as channel:
                 stub = ppb_grpc.ProfilingServiceStub(channel)
-                await self.dispatch(stub)
-                await self.fanout(stub)
+                async with self.gc_during("3 dispatch", server):
+                    await self.dispatch(stub)
+                async with self.gc_during("4 fan-out", server):
+                    await self.fanout(stub)
                 await self.wait_idle()
-                await self.sustained(stub)
+                async with self.gc_during("5 completions", server):
+                    await self.sustained(stub)
             if self.args.soak_minutes:
                 await self.soak(server, fleet)
             stats = server.stats()
