@@ -251,11 +251,12 @@ class Bench:
             f"SELECT count(*) FILTER (WHERE started_at IS NOT NULL), "
             f"count(*) FILTER (WHERE state IN {TERMINAL}), "
             f"extract(epoch FROM max(started_at)), extract(epoch FROM max(finished_at)), "
-            f"count(*) FILTER (WHERE state = 'succeeded') "
+            f"count(*) FILTER (WHERE state = 'succeeded'), extract(epoch FROM max(sent_at)) "
             f"FROM commands WHERE request_id = %s"
         )
         row = await self.poll(query, lambda r: r[1] >= n, 300, reply.request_id)
         self.results.add("4 fan-out", "fanout_targets", n)
+        self.results.add("4 fan-out", "fanout_all_sent_s", float(row[5]) - t0, "s")
         self.results.add("4 fan-out", "fanout_all_acked_s", float(row[2]) - t0, "s")
         self.results.add("4 fan-out", "fanout_all_succeeded_s", float(row[3]) - t0, "s")
         self.results.add("4 fan-out", "fanout_succeeded", int(row[4]))
