@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import resource
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +21,7 @@ from agent.client import AgentClient, AgentConfig, channel_options
 from agent.executor import Executor
 from agent.profilers.simulated import SimulatedProfiler
 from agent.state import MemoryAgentState
-
-
-def raise_file_limit() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
+from server.main import raise_file_limit
 
 
 @dataclass

@@ -396,6 +396,11 @@ class Store:
             return await self._get_request(conn, request_id)
 
     async def _get_request(self, conn: AsyncConnection, request_id: uuid.UUID) -> RequestView:
+        row = await self._request_row(conn, request_id)
+        return _request_view(row, await self._targets(conn, request_id))
+
+    @staticmethod
+    async def _request_row(conn: AsyncConnection, request_id: uuid.UUID) -> Row[Any]:
         row = (
             await conn.execute(
                 text(f"{_REQUEST_WITH_COUNTS} WHERE r.request_id = :id"), {"id": request_id}
@@ -403,20 +408,13 @@ class Store:
         ).first()
         if row is None:
             raise NotFound(f"profile request {request_id} not found")
-        return _request_view(row, await self._targets(conn, request_id))
+        return row
 
     @database_errors
     async def request_summary(self, request_id: uuid.UUID) -> RequestView:
         """The request with its state and counts, without its targets (cheap enough to poll)."""
         async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    text(f"{_REQUEST_WITH_COUNTS} WHERE r.request_id = :id"), {"id": request_id}
-                )
-            ).first()
-        if row is None:
-            raise NotFound(f"profile request {request_id} not found")
-        return _request_view(row)
+            return _request_view(await self._request_row(conn, request_id))
 
     @database_errors
     async def preview_targets(self, request: SubmitRequest) -> list[Candidate]:
