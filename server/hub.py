@@ -78,6 +78,7 @@ class Hub:
         self.completions: Batcher[tuple[Completion, bool], CompletionResult] = Batcher(
             "completions", self._record_completions
         )
+        self._batchers = (self.acks, self.opens, self.closes, self.completions)
         self._tasks: list[asyncio.Task[None]] = []
         self._wakeups: set[asyncio.Task[None]] = set()
         self.sweeps = 0
@@ -89,10 +90,8 @@ class Hub:
 
     def start(self) -> None:
         self.dispatcher.start()
-        self.acks.start()
-        self.opens.start()
-        self.closes.start()
-        self.completions.start()
+        for batcher in self._batchers:
+            batcher.start()
         self._tasks = [
             asyncio.create_task(self.heartbeats.run(), name="heartbeat-flush"),
             asyncio.create_task(self._sweep_forever(), name="sweep"),
@@ -103,10 +102,8 @@ class Hub:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.dispatcher.stop()
-        await self.acks.stop()
-        await self.opens.stop()
-        await self.closes.stop()
-        await self.completions.stop()
+        for batcher in self._batchers:
+            await batcher.stop()
         with contextlib.suppress(Unavailable):
             await self.heartbeats.flush()
 
