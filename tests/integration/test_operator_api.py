@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -145,7 +146,8 @@ async def test_list_requests_filters_and_paginates(harness: Harness) -> None:
 
 
 async def test_list_agents_shows_liveness_and_running_commands(harness: Harness) -> None:
-    server = await harness.server()
+    # The raw agent sends no heartbeats: a longer interval keeps it online while the test looks.
+    server = await harness.server(heartbeat_interval=timedelta(seconds=5))
     ops = harness.operator(server)
     raw = RawAgent(harness.agent_stub(server), "agent-live")
     await raw.connect(hostname="live")

@@ -38,8 +38,9 @@ async def test_agent_on_server_a_gets_request_submitted_through_server_b(
 async def test_newer_session_of_an_agent_replaces_the_older_one_across_servers(
     harness: Harness,
 ) -> None:
-    server_a = await harness.server()
-    server_b = await harness.server()
+    # Raw agents send no heartbeats here: a longer interval keeps them from going silent.
+    server_a = await harness.server(heartbeat_interval=timedelta(seconds=5))
+    server_b = await harness.server(heartbeat_interval=timedelta(seconds=5))
     first = RawAgent(harness.agent_stub(server_a), "twin")
     await first.connect()
     second = RawAgent(harness.agent_stub(server_b), "twin")
