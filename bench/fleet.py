@@ -92,8 +92,20 @@ class Fleet:
         """Drop these agents' connections and start them again with the same identity."""
         for index in indexes:
             await self._stop_one(self.agents.pop(index))
+        self.collect_dropped()
         for index in indexes:
             self._start_one(index)
+
+    @staticmethod
+    def collect_dropped() -> None:
+        """Closed channels keep their sockets until the collector frees them; frozen ones never
+        are, so unfreeze, collect and freeze again (emulator hygiene after dropping agents)."""
+        frozen = gc.get_freeze_count() > 0
+        if frozen:
+            gc.unfreeze()
+        gc.collect()
+        if frozen:
+            gc.freeze()
 
     async def _stop_one(self, agent: EmulatedAgent) -> None:
         agent.task.cancel()
