@@ -74,6 +74,19 @@ def parser() -> argparse.ArgumentParser:
         default=30.0,
         help="cap of the reconnect backoff in seconds (default 30)",
     )
+    p.add_argument(
+        "--keepalive-time",
+        type=float,
+        default=20.0,
+        help="seconds between keepalive pings on the channel (default 20; servers refuse pings "
+        "more often than every 5 s)",
+    )
+    p.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=10.0,
+        help="seconds without a ping answer before the connection is dropped (default 10)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -102,6 +115,8 @@ async def run(args: argparse.Namespace) -> None:
         ip_address=args.ip_address or resolve_ip(args.hostname),
         labels=dict(args.label),
         max_backoff=args.max_backoff,
+        keepalive_time_ms=int(args.keepalive_time * 1000),
+        keepalive_timeout_ms=int(args.keepalive_timeout * 1000),
     )
 
     def executor(report: Any) -> Executor:
