@@ -71,6 +71,7 @@ class ServerConfig:
             heartbeat_flush_interval=min(self.heartbeat_flush_interval, self.heartbeat_interval),
             dispatch_workers=self.dispatch_workers,
             drain_spread=self.drain_spread,
+            completion_grace=self.completion_grace,
         )
 
     def grpc_options(self) -> list[tuple[str, int]]:

@@ -34,6 +34,7 @@ class HubSettings:
     heartbeat_flush_interval: timedelta = timedelta(seconds=2)
     dispatch_workers: int = 4
     drain_spread: timedelta = timedelta(seconds=5)
+    completion_grace: timedelta = timedelta(seconds=30)
 
     @property
     def silence_limit(self) -> timedelta:
@@ -52,6 +53,7 @@ class Hub:
         self._wakeups: set[asyncio.Task[None]] = set()
         self.sweeps = 0
         self.draining = False
+        self.started_at = datetime.now(UTC)
 
     # --- life of the hub ------------------------------------------------------------------------
 
@@ -184,7 +186,11 @@ class Hub:
         """Expire, time out, re-queue unacknowledged sends, close silent streams, and wake every
         local session that has work: the fallback for lost notifications."""
         expired = await self.store.expire_due()
-        timed_out = await self.store.time_out_due()
+        timed_out = 0
+        # Completions cannot reach a server that is down: after a (re)start, agents get the
+        # completion grace to reconnect and report before anything is declared timed out.
+        if datetime.now(UTC) - self.started_at >= self.settings.completion_grace:
+            timed_out = await self.store.time_out_due()
         requeued = await self.store.requeue_unacknowledged(self.settings.ack_timeout)
         if expired or timed_out or requeued:
             log.info("sweep: %d expired, %d timed out, %d re-queued", expired, timed_out, requeued)
