@@ -53,7 +53,9 @@ class Hub:
         self._wakeups: set[asyncio.Task[None]] = set()
         self.sweeps = 0
         self.draining = False
-        self.started_at = datetime.now(UTC)
+        # Completions cannot reach a server that is down or cut off from its database: time-outs
+        # wait until agents have had the completion grace to report after either ends.
+        self._time_outs_from = datetime.now(UTC) + settings.completion_grace
 
     # --- life of the hub ------------------------------------------------------------------------
 
@@ -187,9 +189,7 @@ class Hub:
         local session that has work: the fallback for lost notifications."""
         expired = await self.store.expire_due()
         timed_out = 0
-        # Completions cannot reach a server that is down: after a (re)start, agents get the
-        # completion grace to reconnect and report before anything is declared timed out.
-        if datetime.now(UTC) - self.started_at >= self.settings.completion_grace:
+        if datetime.now(UTC) >= self._time_outs_from:
             timed_out = await self.store.time_out_due()
         requeued = await self.store.requeue_unacknowledged(self.settings.ack_timeout)
         if expired or timed_out or requeued:
@@ -200,6 +200,10 @@ class Hub:
             for session in self.sessions.matching(agents, hosts):
                 self.dispatcher.wake(session)
         self.sweeps += 1
+
+    def database_unreachable(self) -> None:
+        """The database failed: completions may be failing too, so defer time-outs."""
+        self._time_outs_from = datetime.now(UTC) + self.settings.completion_grace
 
     def _close_silent(self) -> None:
         limit = self.settings.silence_limit
@@ -213,6 +217,7 @@ class Hub:
             try:
                 await self.sweep()
             except Unavailable as exc:
+                self.database_unreachable()
                 log.warning("sweep failed: %s", exc)
             except Exception:
                 log.exception("sweep failed")
