@@ -23,6 +23,7 @@ from db.store import Store
 from pulse.v1 import agent_service_pb2, profiling_service_pb2
 from pulse.v1 import agent_service_pb2_grpc as apb_grpc
 from pulse.v1 import profiling_service_pb2_grpc as ppb_grpc
+from server.domain import Unavailable
 from server.hub import Hub, HubSettings
 from server.servicers import AgentServicer, ProfilingServicer
 from server.sessions import CloseReason
@@ -115,6 +116,8 @@ class PulseServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._listener_task: asyncio.Task[None] | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
@@ -148,6 +151,7 @@ class PulseServer:
         await server.start()
         self._server = server
         await self._set_serving(True)
+        self._health_task = asyncio.create_task(self._watch_database(), name="health")
         log.info(
             "pulse server %s listening on %s (port %d)", config.server_id, config.listen, self.port
         )
@@ -156,6 +160,27 @@ class PulseServer:
     async def _after_listen(self) -> None:
         """Notifications may have been missed while the LISTEN connection was down: catch up."""
         await self.hub.sweep()
+
+    async def _watch_database(self) -> None:
+        """Health follows the database: NOT_SERVING while it cannot be reached, so that load
+        balancers and agents' operators see the outage; SERVING again once a ping succeeds."""
+        interval = min(self.config.sweep_interval.total_seconds(), 2.0)
+        serving = True
+        while not self._stopping:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(self.store.ping(), timeout=max(interval, 5.0))
+                reachable = True
+            except (Unavailable, TimeoutError) as exc:
+                reachable = False
+                self.hub.database_unreachable()
+                if serving:
+                    log.warning("database unreachable (%s): health is NOT_SERVING", exc)
+            if reachable != serving and not self._stopping:
+                serving = reachable
+                if reachable:
+                    log.info("database reachable again: health is SERVING")
+                await self._set_serving(reachable)
 
     async def _set_serving(self, serving: bool) -> None:
         status = (
@@ -171,6 +196,10 @@ class PulseServer:
         if self._server is None:
             return
         server, self._server = self._server, None
+        self._stopping = True
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
         await self._set_serving(False)
         self.hub.drain()
         await asyncio.sleep(0.2)  # let the drain messages reach the streams
