@@ -78,6 +78,9 @@ def channel_options(config: AgentConfig) -> list[tuple[str, Any]]:
     return [
         ("grpc.keepalive_time_ms", config.keepalive_time_ms),
         ("grpc.keepalive_timeout_ms", config.keepalive_timeout_ms),
+        # Without this, a ping that is never answered (a network that silently drops packets)
+        # is only given up after gRPC's default of one minute, whatever keepalive_timeout says.
+        ("grpc.http2.ping_timeout_ms", config.keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         # Reconnect attempts are paced by our own backoff, not only gRPC's.

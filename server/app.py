@@ -82,6 +82,8 @@ class ServerConfig:
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.keepalive_time_ms", ms(self.keepalive_time)),
             ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout)),
+            # Give up on an unanswered ping after keepalive_timeout (gRPC's default is 1 min).
+            ("grpc.http2.ping_timeout_ms", ms(self.keepalive_timeout)),
             ("grpc.keepalive_permit_without_calls", 1),
             # Agents ping every 20 s or more; refuse clients that ping more often than every 5 s.
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
