@@ -115,6 +115,14 @@ class Operator:
         except grpc.RpcError:
             return 0
 
+    def ready(self) -> bool:
+        """The server answers (it has started)."""
+        try:
+            self.agents()
+        except grpc.RpcError:
+            return False
+        return True
+
     def all_terminal(self, request_ids: list[str]) -> list[ppb.ProfileRequest] | None:
         """Every request, when every target of every one is terminal; else None."""
         views = []
