@@ -405,17 +405,23 @@ class Store:
 
     @database_errors
     async def cancel_request(self, request_id: uuid.UUID) -> RequestView:
-        """Queued targets become cancelled; running ones get a stop."""
+        """Queued targets become cancelled; running ones get a stop. A request whose targets
+        have all finished keeps its outcome: cancelling it changes nothing."""
         async with self.engine.begin() as conn:
             found = await conn.execute(
-                text(
-                    "UPDATE profile_requests SET cancelled_at = coalesce(cancelled_at, now()) "
-                    "WHERE request_id = :id RETURNING request_id"
-                ),
+                text("SELECT 1 FROM profile_requests WHERE request_id = :id FOR UPDATE"),
                 {"id": request_id},
             )
             if found.first() is None:
                 raise NotFound(f"profile request {request_id} not found")
+            await conn.execute(
+                text(
+                    "UPDATE profile_requests SET cancelled_at = coalesce(cancelled_at, now()) "
+                    "WHERE request_id = :id AND EXISTS (SELECT 1 FROM commands "
+                    "WHERE request_id = :id AND NOT state = ANY(:terminal))"
+                ),
+                {"id": request_id, "terminal": _states(lifecycle.TERMINAL)},
+            )
             _, stopping = await self._cancel_commands(
                 conn, "request_id = :id", {"id": request_id}, "cancelled by operator"
             )
