@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -357,8 +356,3 @@ def wait_health(port: int, expected: int, timeout: float = 30.0) -> None:
             return bool(status == expected)
 
     wait_for(probe, f"health status {expected} on port {port}", timeout=timeout)
-
-
-def sleep_briefly(seconds: float) -> None:
-    """Let a fault take effect (never used to assert on timing)."""
-    time.sleep(seconds)
