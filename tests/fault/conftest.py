@@ -52,7 +52,7 @@ TERMINAL = {
 FAST_SERVER = (
     "--liveness-intervals", "3",
     "--ack-timeout", "3",
-    "--completion-grace", "2",
+    "--completion-grace", "4",  # above the agents' --max-backoff (2 s): see README Guarantees
     "--shutdown-grace", "3",
 )  # fmt: skip
 
@@ -136,13 +136,24 @@ class Operator:
         self.channel.close()
 
 
+FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[FAILED] = report.failed
+    return report
+
+
 @pytest.fixture
-def fleet(tmp_path: Path, database_url: str) -> Iterator[Fleet]:
+def fleet(tmp_path: Path, database_url: str, request: pytest.FixtureRequest) -> Iterator[Fleet]:
     f = Fleet(tmp_path, database_url)
     yield f
     f.stop_all()
-    if os.environ.get("PULSE_E2E_SHOW_LOGS"):
-        for process in f.processes:
+    if os.environ.get("PULSE_E2E_SHOW_LOGS") or request.node.stash.get(FAILED, False):
+        for process in f.processes:  # the logs of a failed test, for its report
             print(f"==== {process.log_path.name}\n{process.log()}")
 
 

@@ -129,7 +129,7 @@ async def test_a_delivered_command_times_out_instead_of_expiring(fleet: Fleet) -
     never = await remote.submit(hostnames=["web-9"], ttl_seconds=2)
 
     await remote.state_is(never.request_id, cpb.COMMAND_STATE_EXPIRED)
-    # TTL 2 s passed, then last send + duration 1 s + grace 2 s: timed out, not expired.
+    # TTL 2 s passed, then last send + duration 1 s + grace 4 s: timed out, not expired.
     await remote.state_is(delivered.request_id, cpb.COMMAND_STATE_TIMED_OUT)
     late = await raw.complete((await remote.target(delivered.request_id)).command_id)
     assert late.command_state == cpb.COMMAND_STATE_TIMED_OUT  # terminal states absorb
