@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LISTEN ?= 127.0.0.1:50051
 
-.PHONY: run test lint format generate check-generated unit integration e2e bench clean
+.PHONY: run test lint format generate check-generated unit integration e2e fault bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/pytest tests/integration
+
+fault: $(STAMP)
+	$(BIN)/pytest -m fault
 
 e2e: $(STAMP)
 	$(BIN)/pytest tests/e2e

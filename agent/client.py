@@ -84,6 +84,9 @@ def channel_options(config: AgentConfig) -> list[tuple[str, Any]]:
     return [
         ("grpc.keepalive_time_ms", config.keepalive_time_ms),
         ("grpc.keepalive_timeout_ms", config.keepalive_timeout_ms),
+        # Without this, a ping that is never answered (a network that silently drops packets)
+        # is only given up after gRPC's default of one minute, whatever keepalive_timeout says.
+        ("grpc.http2.ping_timeout_ms", config.keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         # Reconnect attempts are paced by our own backoff, not only gRPC's.
@@ -157,7 +160,19 @@ class CompletionReporter:
         self._agent_id = agent_id
         self._config = config
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._retry_now = asyncio.Event()
         self.reported = 0
+
+    def retry_now(self) -> None:
+        """A session was (re)established, so the server is back: a report waiting out its
+        backoff is retried at once (the server only times commands out after a grace that
+        starts when it comes back)."""
+        self._retry_now.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        self._retry_now.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._retry_now.wait(), seconds)
 
     def submit(self, completion: dict[str, Any]) -> None:
         self._queue.put_nowait(completion)
@@ -185,6 +200,7 @@ class CompletionReporter:
                     multiplier=self._config.backoff_multiplier, max=self._config.max_backoff
                 ),
                 before_sleep=_log_retry("completion report"),
+                sleep=self._sleep,
             ):
                 with attempt:
                     response = await self._stub.ReportCommandCompletion(
@@ -321,6 +337,7 @@ class AgentClient:
             self.session_id = settings.session_id
             self.sessions += 1
             self.connected.set()
+            self.reporter.retry_now()
             log.info(
                 "connected to %s (server %s), heartbeat every %.1f s",
                 self.config.server,

@@ -79,6 +79,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", type=Path, help="CA bundle of the server's certificate; enables TLS")
     p.add_argument("--cert", type=Path, help="agent certificate (PEM) for mTLS; names the agent")
     p.add_argument("--key", type=Path, help="agent private key (PEM)")
+    p.add_argument(
+        "--keepalive-time",
+        type=float,
+        default=20.0,
+        help="seconds between keepalive pings on the channel (default 20; servers refuse pings "
+        "more often than every 5 s)",
+    )
+    p.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=10.0,
+        help="seconds without a ping answer before the connection is dropped (default 10)",
+    )
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-format", choices=logs.FORMATS, default="text", help="default %(default)s")
     return p
@@ -129,6 +142,8 @@ async def run(args: argparse.Namespace) -> None:
         max_backoff=args.max_backoff,
         tls=tls,
         agent_id=agent_id,
+        keepalive_time_ms=int(args.keepalive_time * 1000),
+        keepalive_timeout_ms=int(args.keepalive_timeout * 1000),
     )
 
     def executor(report: Any) -> Executor:

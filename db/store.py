@@ -515,18 +515,24 @@ class Store:
 
     @database_errors
     async def cancel_request(self, request_id: uuid.UUID, actor: str = SYSTEM_ACTOR) -> RequestView:
-        """Queued targets become cancelled; running ones get a stop."""
+        """Queued targets become cancelled; running ones get a stop. A request whose targets
+        have all finished keeps its outcome: cancelling it changes nothing."""
         async with self.engine.begin() as conn:
             await self._act_as(conn, actor)
             found = await conn.execute(
-                text(
-                    "UPDATE profile_requests SET cancelled_at = coalesce(cancelled_at, now()) "
-                    "WHERE request_id = :id RETURNING request_id"
-                ),
+                text("SELECT 1 FROM profile_requests WHERE request_id = :id FOR UPDATE"),
                 {"id": request_id},
             )
             if found.first() is None:
                 raise NotFound(f"profile request {request_id} not found")
+            await conn.execute(
+                text(
+                    "UPDATE profile_requests SET cancelled_at = coalesce(cancelled_at, now()) "
+                    "WHERE request_id = :id AND EXISTS (SELECT 1 FROM commands "
+                    "WHERE request_id = :id AND NOT state = ANY(:terminal))"
+                ),
+                {"id": request_id, "terminal": _states(lifecycle.TERMINAL)},
+            )
             _, stopping = await self._cancel_commands(
                 conn, "request_id = :id", {"id": request_id}, "cancelled by operator"
             )
@@ -1193,10 +1199,11 @@ class Store:
 
     @database_errors
     async def expire_due(self, limit: int = 5000) -> int:
-        """Pending commands whose TTL passed become expired: they never run late."""
+        """Pending commands never delivered whose TTL passed become expired: they never run late.
+        (One delivered before may be running on its agent: it times out instead.)"""
         return await self._sweep(
             Event.EXPIRE,
-            "expires_at <= now()",
+            "expires_at <= now() AND attempts = 0",
             "not delivered to an agent within ttl_seconds",
             limit,
         )
@@ -1204,14 +1211,20 @@ class Store:
     @database_errors
     async def time_out_due(self, limit: int = 5000) -> int:
         """Running commands with no completion by start + duration + grace become timed out;
-        continuous ones when their agent has been offline for longer than the grace."""
+        continuous ones when their agent has been offline for longer than the grace. So do
+        commands delivered, sent back to pending (stream lost before the ack) and past their TTL,
+        with no completion by the last send + duration + grace."""
         return await self._sweep(
             Event.TIME_OUT,
-            f"""(deadline_at <= now() OR (deadline_at IS NULL AND EXISTS (
+            f"""((state = 'running' AND (deadline_at <= now() OR (deadline_at IS NULL AND EXISTS (
                     SELECT 1 FROM agents a WHERE a.agent_id = commands.agent_id
                     AND NOT {self._online()}
                     AND coalesce(a.last_seen_at, a.connected_at)
-                        < now() - :grace * interval '1 second')))""",
+                        < now() - :grace * interval '1 second'))))
+                OR (state = 'pending' AND attempts > 0 AND expires_at <= now() AND EXISTS (
+                    SELECT 1 FROM profile_requests r WHERE r.request_id = commands.request_id
+                    AND commands.sent_at + (r.duration_seconds + :grace) * interval '1 second'
+                        <= now())))""",
             "no completion from the agent by start + duration + grace",
             limit,
             {"grace": self.completion_grace.total_seconds()},

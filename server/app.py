@@ -27,6 +27,7 @@ from pulse.v1 import agent_service_pb2, profiling_service_pb2
 from pulse.v1 import agent_service_pb2_grpc as apb_grpc
 from pulse.v1 import profiling_service_pb2_grpc as ppb_grpc
 from server.auth import Authorizer, TokenFile
+from server.domain import Unavailable
 from server.gcstats import GcPauses
 from server.hub import Hub, HubSettings
 from server.metrics import ServerMetrics
@@ -96,6 +97,7 @@ class ServerConfig:
             dispatch_workers=self.dispatch_workers,
             max_heartbeat_rate=self.max_heartbeat_rate,
             drain_spread=self.drain_spread,
+            completion_grace=self.completion_grace,
         )
 
     def grpc_options(self) -> list[tuple[str, int]]:
@@ -105,6 +107,8 @@ class ServerConfig:
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.keepalive_time_ms", ms(self.keepalive_time)),
             ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout)),
+            # Give up on an unanswered ping after keepalive_timeout (gRPC's default is 1 min).
+            ("grpc.http2.ping_timeout_ms", ms(self.keepalive_timeout)),
             ("grpc.keepalive_permit_without_calls", 1),
             # Agents ping every 20 s or more; refuse clients that ping more often than every 5 s.
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
@@ -166,6 +170,8 @@ class PulseServer:
         self._listener_task: asyncio.Task[None] | None = None
         self._stats_task: asyncio.Task[None] | None = None
         self.gc_pauses = GcPauses()
+        self._health_task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._stopped = asyncio.Event()
         self.certificates: RotatingCertificates | None = None
 
@@ -230,6 +236,7 @@ class PulseServer:
         if config.stats_file is not None:
             self.gc_pauses.install()
             self._stats_task = asyncio.create_task(self._write_stats(config.stats_file))
+        self._health_task = asyncio.create_task(self._watch_database(), name="health")
         log.info(
             "pulse server %s listening on %s (port %d)", config.server_id, config.listen, self.port
         )
@@ -278,6 +285,27 @@ class PulseServer:
         """Notifications may have been missed while the LISTEN connection was down: catch up."""
         await self.hub.sweep()
 
+    async def _watch_database(self) -> None:
+        """Health follows the database: NOT_SERVING while it cannot be reached, so that load
+        balancers and agents' operators see the outage; SERVING again once a ping succeeds."""
+        interval = min(self.config.sweep_interval.total_seconds(), 2.0)
+        serving = True
+        while not self._stopping:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(self.store.ping(), timeout=max(interval, 5.0))
+                reachable = True
+            except (Unavailable, TimeoutError) as exc:
+                reachable = False
+                self.hub.database_unreachable()
+                if serving:
+                    log.warning("database unreachable (%s): health is NOT_SERVING", exc)
+            if reachable != serving and not self._stopping:
+                serving = reachable
+                if reachable:
+                    log.info("database reachable again: health is SERVING")
+                await self._set_serving(reachable)
+
     async def _set_serving(self, serving: bool) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING
@@ -292,6 +320,10 @@ class PulseServer:
         if self._server is None:
             return
         server, self._server = self._server, None
+        self._stopping = True
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
         await self._set_serving(False)
         self.hub.drain()
         await asyncio.sleep(0.2)  # let the drain messages reach the streams

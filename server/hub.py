@@ -56,6 +56,7 @@ class HubSettings:
     # Heartbeats per second this server is willing to receive: with more agents than
     # rate x interval, new sessions get a longer interval (rate-scaled, like Nomad's TTLs).
     max_heartbeat_rate: float = 1000.0
+    completion_grace: timedelta = timedelta(seconds=30)
 
     def interval_for(self, sessions: int) -> timedelta:
         """The heartbeat interval for a new session when `sessions` are already connected."""
@@ -85,6 +86,9 @@ class Hub:
         self.sweep_wakeups = 0  # sessions a sweep found work for
         self.metrics: ServerMetrics | None = None
         self.draining = False
+        # Completions cannot reach a server that is down or cut off from its database: time-outs
+        # wait until agents have had the completion grace to report after either ends.
+        self._time_outs_from = datetime.now(UTC) + settings.completion_grace
 
     # --- life of the hub ------------------------------------------------------------------------
 
@@ -274,7 +278,9 @@ class Hub:
         """Expire, time out, re-queue unacknowledged sends, close silent streams, and wake every
         local session that has work: the fallback for lost notifications."""
         expired = await self.store.expire_due()
-        timed_out = await self.store.time_out_due()
+        timed_out = 0
+        if datetime.now(UTC) >= self._time_outs_from:
+            timed_out = await self.store.time_out_due()
         requeued = await self.store.requeue_unacknowledged(self.settings.ack_timeout)
         if expired or timed_out or requeued:
             log.info("sweep: %d expired, %d timed out, %d re-queued", expired, timed_out, requeued)
@@ -285,6 +291,10 @@ class Hub:
                 self.sweep_wakeups += 1
                 self.dispatcher.wake(session)
         self.sweeps += 1
+
+    def database_unreachable(self) -> None:
+        """The database failed: completions may be failing too, so defer time-outs."""
+        self._time_outs_from = datetime.now(UTC) + self.settings.completion_grace
 
     def _close_silent(self) -> None:
         """Close streams silent for longer than the liveness threshold (their agents are offline;
@@ -300,6 +310,7 @@ class Hub:
             try:
                 await self.sweep()
             except Unavailable as exc:
+                self.database_unreachable()
                 log.warning("sweep failed: %s", exc)
             except Exception:
                 log.exception("sweep failed")

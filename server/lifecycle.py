@@ -61,14 +61,6 @@ TRANSITIONS: Mapping[tuple[CommandState, Event], CommandState] = {
     (_S.SENT, Event.COMPLETE_SUCCEEDED): _S.SUCCEEDED,
     (_S.SENT, Event.COMPLETE_FAILED): _S.FAILED,
     (_S.SENT, Event.COMPLETE_CANCELLED): _S.CANCELLED,
-    # A command re-queued because its ack was lost (or late) may still be acknowledged or
-    # completed by the agent it was delivered to: the store allows these from PENDING only when
-    # the command was delivered before (attempts > 0) to that same agent.
-    (_S.PENDING, Event.ACK_ACCEPTED): _S.RUNNING,
-    (_S.PENDING, Event.ACK_REJECTED): _S.REJECTED,
-    (_S.PENDING, Event.COMPLETE_SUCCEEDED): _S.SUCCEEDED,
-    (_S.PENDING, Event.COMPLETE_FAILED): _S.FAILED,
-    (_S.PENDING, Event.COMPLETE_CANCELLED): _S.CANCELLED,
     (_S.RUNNING, Event.COMPLETE_SUCCEEDED): _S.SUCCEEDED,
     (_S.RUNNING, Event.COMPLETE_FAILED): _S.FAILED,
     (_S.RUNNING, Event.COMPLETE_CANCELLED): _S.CANCELLED,
@@ -76,30 +68,49 @@ TRANSITIONS: Mapping[tuple[CommandState, Event], CommandState] = {
     (_S.SENT, Event.CANCEL): _S.CANCELLED,
     (_S.PENDING, Event.EXPIRE): _S.EXPIRED,
     (_S.RUNNING, Event.TIME_OUT): _S.TIMED_OUT,
+    # A pending command that was delivered before (its stream was lost before the ack was
+    # recorded) may be running on its agent: its late ack and its completion count, and it times
+    # out rather than expires. See GUARDS.
+    (_S.PENDING, Event.ACK_ACCEPTED): _S.RUNNING,
+    (_S.PENDING, Event.ACK_REJECTED): _S.REJECTED,
+    (_S.PENDING, Event.COMPLETE_SUCCEEDED): _S.SUCCEEDED,
+    (_S.PENDING, Event.COMPLETE_FAILED): _S.FAILED,
+    (_S.PENDING, Event.COMPLETE_CANCELLED): _S.CANCELLED,
+    (_S.PENDING, Event.TIME_OUT): _S.TIMED_OUT,
 }
 
-# Transitions that only a command delivered before (to the agent sending the event) may take.
-NEEDS_DELIVERY: frozenset[tuple[CommandState, Event]] = frozenset(
-    key
-    for key in TRANSITIONS
-    if key[0] == _S.PENDING and key[1] not in (Event.DISPATCH, Event.CANCEL, Event.EXPIRE)
-)
+# Transitions out of PENDING that depend on whether the command was ever delivered (written to
+# an agent's stream; the store's `attempts > 0`): the value is the `delivered` they require.
+# So an EXPIRED command never reached an agent, and a completion for a command that never did
+# is refused.
+GUARDS: Mapping[tuple[CommandState, Event], bool] = {
+    (_S.PENDING, Event.EXPIRE): False,
+    (_S.PENDING, Event.ACK_ACCEPTED): True,
+    (_S.PENDING, Event.ACK_REJECTED): True,
+    (_S.PENDING, Event.COMPLETE_SUCCEEDED): True,
+    (_S.PENDING, Event.COMPLETE_FAILED): True,
+    (_S.PENDING, Event.COMPLETE_CANCELLED): True,
+    (_S.PENDING, Event.TIME_OUT): True,
+}
 
 COMPLETION_EVENTS: frozenset[Event] = frozenset(
     {Event.COMPLETE_SUCCEEDED, Event.COMPLETE_FAILED, Event.COMPLETE_CANCELLED}
 )
 
 
-def next_state(state: CommandState, event: Event, delivered: bool = False) -> CommandState | None:
-    """The state after `event`, or None when the event does not apply in `state`. `delivered`:
-    the command was written to the stream of the agent the event comes from at least once."""
-    if (state, event) in NEEDS_DELIVERY and not delivered:
+def next_state(
+    state: CommandState, event: Event, *, delivered: bool = False
+) -> CommandState | None:
+    """The state after `event`, or None when the event does not apply in `state`; `delivered`
+    tells whether the command was ever written to an agent (it matters for PENDING only)."""
+    required = GUARDS.get((state, event))
+    if required is not None and required != delivered:
         return None
     return TRANSITIONS.get((state, event))
 
 
 def sources(event: Event) -> frozenset[CommandState]:
-    """Every state from which `event` moves a command."""
+    """Every state from which `event` may move a command (subject to GUARDS)."""
     return frozenset(state for (state, ev), _ in TRANSITIONS.items() if ev == event)
 
 

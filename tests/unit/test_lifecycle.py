@@ -80,12 +80,16 @@ def test_target_of_each_event(event: Event, expected: CommandState) -> None:
 @pytest.mark.parametrize("event", list(Event))
 def test_sources_agree_with_next_state(event: Event) -> None:
     from_next_state = {
-        state for state in CommandState if next_state(state, event, delivered=True) is not None
+        state
+        for state in CommandState
+        for delivered in (False, True)
+        if next_state(state, event, delivered=delivered) is not None
     }
     assert sources(event) == from_next_state
     assert sources(event), f"{event} applies in no state"
     for state in sources(event):
-        assert next_state(state, event, delivered=True) == target(event)
+        moved = {next_state(state, event, delivered=d) for d in (False, True)} - {None}
+        assert moved == {target(event)}
 
 
 @pytest.mark.parametrize(
@@ -106,7 +110,7 @@ def test_pending_takes_agent_events_only_once_delivered(event: Event) -> None:
         (Event.COMPLETE_SUCCEEDED, {S.PENDING, S.SENT, S.RUNNING}),
         (Event.CANCEL, {S.PENDING, S.SENT}),
         (Event.EXPIRE, {S.PENDING}),
-        (Event.TIME_OUT, {S.RUNNING}),
+        (Event.TIME_OUT, {S.PENDING, S.RUNNING}),
     ],
 )
 def test_sources_of_selected_events(event: Event, expected: set[CommandState]) -> None:
@@ -121,6 +125,17 @@ def test_refused_transitions_return_none() -> None:
     assert next_state(S.RUNNING, Event.EXPIRE) is None
     assert next_state(S.PENDING, Event.COMPLETE_SUCCEEDED) is None
     assert next_state(S.SENT, Event.TIME_OUT) is None
+
+
+def test_pending_commands_delivered_before_complete_or_time_out_but_never_expire() -> None:
+    # The stream was lost after the agent started the command but before its ack was recorded.
+    assert next_state(S.PENDING, Event.COMPLETE_SUCCEEDED, delivered=True) is S.SUCCEEDED
+    assert next_state(S.PENDING, Event.TIME_OUT, delivered=True) is S.TIMED_OUT
+    assert next_state(S.PENDING, Event.EXPIRE, delivered=True) is None
+    # Never delivered: no completion can be genuine, and it expires.
+    assert next_state(S.PENDING, Event.COMPLETE_FAILED, delivered=False) is None
+    assert next_state(S.PENDING, Event.TIME_OUT, delivered=False) is None
+    assert next_state(S.PENDING, Event.EXPIRE, delivered=False) is S.EXPIRED
 
 
 @pytest.mark.parametrize("outcome", ["succeeded", "failed", "cancelled"])
