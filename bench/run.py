@@ -292,6 +292,7 @@ class Bench:
         self.results.add("6 soak", "soak_rss_start_mb", samples[0] / 2**20, "MB")
         self.results.add("6 soak", "soak_rss_end_mb", samples[-1] / 2**20, "MB")
         self.results.add("6 soak", "soak_rss_max_mb", max(samples) / 2**20, "MB")
+        self.results.figures["soak_rss_per_minute_mb"] = [round(s / 2**20, 1) for s in samples]
 
     @contextlib.asynccontextmanager
     async def gc_during(self, scenario: str, server: ServerProcess) -> AsyncIterator[None]:
