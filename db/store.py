@@ -1049,11 +1049,12 @@ class Store:
         results: list[AckOutcome | PulseError] = []
         for ack in acks:
             checked = _owned_state(current, ack.command_id, ack.agent_id)
-            if isinstance(checked, PulseError) or ack.command_id in moved_now:
+            if isinstance(checked, PulseError):
+                results.append(checked)
+            elif ack.command_id in moved_now:
+                # Only the first ack of a command carries its dispatch latency (for the metrics).
                 results.append(
-                    checked
-                    if isinstance(checked, PulseError)
-                    else AckOutcome(checked, dispatch_seconds=waited.pop(ack.command_id, None))
+                    AckOutcome(checked, dispatch_seconds=waited.pop(ack.command_id, None))
                 )
             else:
                 stop = ack.accepted and checked == CommandState.CANCELLED
