@@ -129,6 +129,17 @@ class RequestState(StrEnum):
     CANCELLED = "cancelled"
 
 
+# A request in one of these states will not change again (every target has finished).
+FINISHED_REQUEST: frozenset[RequestState] = frozenset(
+    {
+        RequestState.SUCCEEDED,
+        RequestState.PARTIALLY_SUCCEEDED,
+        RequestState.FAILED,
+        RequestState.CANCELLED,
+    }
+)
+
+
 def request_state(counts: Mapping[CommandState, int], cancelled: bool) -> RequestState:
     """Derive a request's state from how many of its targets are in each command state."""
     total = sum(counts.values())

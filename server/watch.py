@@ -14,16 +14,7 @@ from collections.abc import AsyncIterator
 
 from db.store import Store
 from server.domain import RequestView
-from server.lifecycle import RequestState
-
-TERMINAL_REQUEST_STATES = frozenset(
-    {
-        RequestState.SUCCEEDED,
-        RequestState.PARTIALLY_SUCCEEDED,
-        RequestState.FAILED,
-        RequestState.CANCELLED,
-    }
-)
+from server.lifecycle import FINISHED_REQUEST, RequestState
 
 
 class RequestWatch:
@@ -59,7 +50,7 @@ class RequestWatch:
                 if seen != last:
                     last = seen
                     yield view
-                if view.state in TERMINAL_REQUEST_STATES:
+                if view.state in FINISHED_REQUEST:
                     return
                 await self._wait()
         finally:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
 import signal
 import statistics
 import time
@@ -26,6 +25,7 @@ from agent.profilers.simulated import SimulatedProfiler
 from agent.state import AgentState
 from pulse.v1 import profiling_service_pb2 as ppb
 from pulse.v1 import profiling_service_pb2_grpc as ppb_grpc
+from server.main import raise_file_limit
 from tests.fault.conftest import Fleet, free_port
 from tests.integration.conftest import eventually
 
@@ -33,12 +33,6 @@ pytestmark = pytest.mark.fault
 
 AGENTS = int(os.environ.get("PULSE_STORM_AGENTS", "1000"))
 MAX_BACKOFF = 8.0
-
-
-def raise_fd_limit(needed: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < needed:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
 
 
 def emulated_agent(port: int, i: int, tmp_path: Path) -> AgentClient:
@@ -96,7 +90,7 @@ async def online(port: int) -> int:
 async def test_agents_reconnect_spread_out_after_a_server_crash(
     fleet: Fleet, tmp_path: Path
 ) -> None:
-    raise_fd_limit(AGENTS * 4 + 1024)
+    raise_file_limit()  # each emulated agent holds a connection (and the server its end)
     port = free_port()
     server_args = ("--heartbeat-interval", "5", "--db-pool-size", "10")
     server = fleet.server(port, *server_args)
